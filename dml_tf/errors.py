@@ -2,7 +2,7 @@
 
 
 class UserError(ValueError):
-  """A problem the user can fix; its message is one sentence naming the flag or file.
+    """A problem the user can fix; its message is one sentence naming the flag or file.
 
-  Run scripts catch it, print the message without a traceback and exit with status 2.
-  """
+    Run scripts catch it, print the message without a traceback and exit with status 2.
+    """

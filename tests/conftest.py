@@ -11,5 +11,5 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _seed():
-  keras.utils.set_random_seed(1234)
-  yield
+    keras.utils.set_random_seed(1234)
+    yield
