@@ -1,0 +1,70 @@
+"""Base class of the methods: logits in, one dict of losses per peer out."""
+
+import tensorflow as tf
+
+from dml_tf import losses
+from dml_tf.errors import UserError
+
+
+class Method:
+    """Turns the cohort's logits into per-peer losses; knows nothing of optimisers or data.
+
+    Subclasses implement `mimicry(logits, k, *, features)` (the term added to peer k's
+    cross-entropy) or override `losses`. Targets built from other peers must be wrapped in
+    `tf.stop_gradient`: a peer's loss changes only its own weights.
+
+    Attributes:
+      name: registry name.
+      min_peers: the smallest cohort the method is defined for.
+    """
+
+    name = "base"
+    min_peers = 1
+
+    def __init__(self, label_smoothing=0.0):
+        """Args: label_smoothing: ε of the cross-entropy targets (0 in the paper's CIFAR runs)."""
+        if not 0.0 <= label_smoothing < 1.0:
+            raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.label_smoothing = float(label_smoothing)
+
+    def check_cohort_size(self, num_peers):
+        """Raises UserError when the method cannot run with `num_peers` peers."""
+        if num_peers < self.min_peers:
+            raise UserError(
+                f"--method={self.name} needs at least {self.min_peers} networks in --nets, "
+                f"got {num_peers}; list more (e.g. --nets=resnet32,resnet32 or --nets=resnet32x2).")
+
+    def mimicry(self, logits, k, *, features=None):
+        """The mimicry term of peer k (0-based index), or None for a method without one."""
+        return None
+
+    def losses(self, logits, labels, *, label_mask=None, features=None):
+        """Per-peer losses.
+
+        Args:
+          logits: list of K float [B, M] tensors, one per peer.
+          labels: int [B].
+          label_mask: optional [B] of 0/1: which examples are labelled (cross-entropy is
+            averaged over those only; mimicry over all, paper Sec. 3.4).
+          features: optional list of K [B, D] last-pooling features.
+
+        Returns:
+          A list of K dicts with "total", "ce" and, where the method has one, "mimicry".
+        """
+        self.check_cohort_size(len(logits))
+        out = []
+        for k, logits_k in enumerate(logits):
+            ce = losses.cross_entropy(labels, logits_k, label_smoothing=self.label_smoothing,
+                                      mask=label_mask)
+            terms = {"ce": ce}
+            mimicry = self.mimicry(logits, k, features=features)
+            if mimicry is not None:
+                terms["mimicry"] = mimicry
+            terms["total"] = tf.add_n(list(terms.values()))
+            out.append(terms)
+        return out
+
+
+def peer_probabilities(logits):
+    """softmax of every peer's logits as constants (targets for the other peers)."""
+    return [tf.stop_gradient(tf.nn.softmax(tf.cast(z, tf.float32))) for z in logits]
