@@ -1,0 +1,172 @@
+"""Flags shared by the run scripts, and the frozen configuration they turn into.
+
+Library code takes a `Config`; only run_*.py read absl flags (DESIGN.md).
+"""
+
+import dataclasses
+import json
+import re
+
+from absl import flags
+
+from dml_tf import cohort, methods, nets, schedules
+from dml_tf.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run depends on; written to `model_dir/flags.json`."""
+
+    # Data (defined by each run script: the datasets differ).
+    dataset: str = "cifar100"
+    data_dir: str | None = None
+    tfds_data_dir: str | None = None
+    # Cohort and method.
+    nets: tuple = ("resnet32", "resnet32")
+    net_args: tuple = ()
+    method: str = "dml"
+    method_args: tuple = ()
+    update: str = "sequential"
+    # Schedule (paper Sec. 4.1, CIFAR setting by default).
+    epochs: int = 200
+    steps_per_epoch: int | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    lr_decay_rate: float = 0.1
+    lr_decay_epochs: float = 60.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    epsilon: float = 1e-7
+    rmsprop_decay: float = 0.9
+    weight_decay: float = 5e-4
+    # Run.
+    seed: int = 0
+    model_dir: str = "runs/default"
+    eval_every_epochs: int = 1
+    export: bool = True
+    jit_compile: bool = False
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines the flags every run script shares (dataset flags are the script's own)."""
+    d = Config()
+    f = flag_values
+    flags.DEFINE_string("nets", ",".join(d.nets),
+                        "Comma-separated networks of the cohort, peer 1 first, from "
+                        f"{', '.join(nets.NAMES)}; 'resnet32x3' means three resnet32 peers.",
+                        flag_values=f)
+    flags.DEFINE_string("net_args", "", "Network keyword arguments for every peer, "
+                        "e.g. 'dropout=0.3' (WRN).", flag_values=f)
+    flags.DEFINE_enum("method", d.method, list(methods.NAMES),
+                      "Training method (METHODS.md): independent, dml (Eq. 10), dml_js (Eq. 7), "
+                      "dml_e (Eq. 11), ...", flag_values=f)
+    flags.DEFINE_string("method_args", "", "Method hyperparameters, e.g. 'label_smoothing=0.1'.",
+                        flag_values=f)
+    flags.DEFINE_enum("update", d.update, list(cohort.UPDATES),
+                      "sequential: Algorithm 1, peer k+1 learns from the updated peer k; "
+                      "simultaneous: all peers updated from one forward pass.", flag_values=f)
+    flags.DEFINE_integer("epochs", d.epochs, "Training epochs.", flag_values=f)
+    flags.DEFINE_integer("steps_per_epoch", None, "Cap on the steps of an epoch (quick runs); "
+                         "default: one pass over the training set.", flag_values=f)
+    flags.DEFINE_integer("batch_size", d.batch_size, "Mini-batch size (every peer sees the same batch).",
+                         flag_values=f)
+    flags.DEFINE_integer("eval_batch_size", d.eval_batch_size, "Batch size for evaluation.",
+                         flag_values=f)
+    flags.DEFINE_enum("optimizer", d.optimizer, list(schedules.OPTIMIZERS),
+                      "sgd (CIFAR), adam (Market-1501), rmsprop (ImageNet).", flag_values=f)
+    flags.DEFINE_float("learning_rate", d.learning_rate, "Initial learning rate.", flag_values=f)
+    flags.DEFINE_float("lr_decay_rate", d.lr_decay_rate,
+                       "Learning rate multiplied by this every --lr_decay_epochs (staircase).",
+                       flag_values=f)
+    flags.DEFINE_float("lr_decay_epochs", d.lr_decay_epochs,
+                       "Epochs between learning-rate decays; 0 keeps it constant.", flag_values=f)
+    flags.DEFINE_float("momentum", d.momentum, "SGD / RMSProp momentum.", flag_values=f)
+    flags.DEFINE_bool("nesterov", d.nesterov, "Nesterov momentum for SGD.", flag_values=f)
+    flags.DEFINE_float("adam_beta1", d.adam_beta1, "Adam β1.", flag_values=f)
+    flags.DEFINE_float("adam_beta2", d.adam_beta2, "Adam β2.", flag_values=f)
+    flags.DEFINE_float("epsilon", d.epsilon, "Adam / RMSProp ε.", flag_values=f)
+    flags.DEFINE_float("rmsprop_decay", d.rmsprop_decay, "RMSProp decay ρ.", flag_values=f)
+    flags.DEFINE_float("weight_decay", d.weight_decay,
+                       "L2 coefficient λ: adds λ/2·Σ‖W‖² over kernels (= PyTorch SGD weight_decay).",
+                       flag_values=f)
+    flags.DEFINE_integer("seed", d.seed, "Seed of initialisation, data order and augmentation.",
+                         flag_values=f)
+    flags.DEFINE_string("model_dir", d.model_dir, "Output folder: flags.json, TensorBoard events, "
+                        "checkpoints (resumed automatically), results.json, export/.", flag_values=f)
+    flags.DEFINE_integer("eval_every_epochs", d.eval_every_epochs,
+                         "Evaluate on the test split every this many epochs (and at the end).",
+                         flag_values=f)
+    flags.DEFINE_bool("export", d.export, "Write SavedModels to model_dir/export/peer{k} and "
+                      "export/ensemble at the end.", flag_values=f)
+    flags.DEFINE_bool("jit_compile", d.jit_compile, "Compile the cohort step with XLA.",
+                      flag_values=f)
+
+
+def parse_nets(spec):
+    """'resnet32,mobilenet' -> ('resnet32', 'mobilenet'); 'resnet32x3' -> three resnet32."""
+    result = []
+    for item in (s.strip() for s in spec.split(",")):
+        match = re.fullmatch(r"(.+)x(\d+)", item)
+        if item not in nets.NAMES and match and match.group(1) in nets.NAMES:
+            result.extend([match.group(1)] * int(match.group(2)))
+        elif item in nets.NAMES:
+            result.append(item)
+        else:
+            raise UserError(f"--nets names '{item}', which is not a network; choose from "
+                            f"{', '.join(nets.NAMES)} (e.g. --nets=resnet32,mobilenet or resnet32x3).")
+    return tuple(result)
+
+
+def _parse_value(text):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_keyword_args(spec, flag_name):
+    """'a=1,b=0.5' -> (('a', 1), ('b', 0.5)), hashable for the frozen config."""
+    pairs = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--{flag_name}='{spec}' is not of the form name=value,name=value.")
+        pairs.append((key.strip(), _parse_value(value.strip())))
+    return tuple(pairs)
+
+
+def validate(config):
+    """Raises UserError naming the flag for values no run can use."""
+    positive = ("epochs", "batch_size", "eval_batch_size", "learning_rate", "eval_every_epochs")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(config, name)}.")
+    if config.steps_per_epoch is not None and config.steps_per_epoch <= 0:
+        raise UserError(f"--steps_per_epoch must be positive, got {config.steps_per_epoch}.")
+    if config.weight_decay < 0:
+        raise UserError(f"--weight_decay must be non-negative, got {config.weight_decay}.")
+    methods.get(config.method, **dict(config.method_args)).check_cohort_size(len(config.nets))
+    return config
+
+
+def config_from_flags(flag_values):
+    """Builds the validated Config from parsed flags (every Config field that is a flag)."""
+    values = {}
+    for field in dataclasses.fields(Config):
+        if field.name in flag_values:
+            values[field.name] = flag_values[field.name].value
+    values["nets"] = parse_nets(values.get("nets", ",".join(Config.nets)))
+    values["net_args"] = parse_keyword_args(values.get("net_args", ""), "net_args")
+    values["method_args"] = parse_keyword_args(values.get("method_args", ""), "method_args")
+    return validate(Config(**values))

@@ -1,0 +1,189 @@
+"""train_and_evaluate: config -> data -> cohort -> training loop, summaries, checkpoints, export.
+
+The only module (with export.py) that writes to disk. Everything it writes goes to
+`config.model_dir`; a model_dir that holds a checkpoint is resumed.
+"""
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dml_tf import cohort as cohort_lib
+from dml_tf import config as config_lib
+from dml_tf import export, methods, nets, schedules
+from dml_tf import data as data_lib
+from dml_tf.data import pipeline
+from dml_tf.errors import UserError
+from dml_tf.evaluation import classification
+
+# Config fields that may change between a run and its resumption.
+_RESUMABLE_CHANGES = ("epochs", "eval_every_epochs", "export", "steps_per_epoch", "eval_batch_size",
+                      "data_dir", "tfds_data_dir", "model_dir", "jit_compile")
+
+
+def write_json_atomically(path, obj):
+    """Writes JSON to a temporary file and renames it, so a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def build_cohort(config, num_classes, input_shape, steps_per_epoch):
+    """The K peers (named peer1..peerK), their optimisers and the method, as configured."""
+    models = [nets.build(name, num_classes, input_shape, name=f"peer{k}", **dict(config.net_args))
+              for k, name in enumerate(config.nets, start=1)]
+    lr = schedules.learning_rate(config.learning_rate, decay_rate=config.lr_decay_rate,
+                                 decay_epochs=config.lr_decay_epochs,
+                                 steps_per_epoch=steps_per_epoch)
+    optimizers = [schedules.optimizer(config.optimizer, lr, momentum=config.momentum,
+                                      nesterov=config.nesterov, beta_1=config.adam_beta1,
+                                      beta_2=config.adam_beta2, epsilon=config.epsilon,
+                                      rho=config.rmsprop_decay) for _ in models]
+    method = methods.get(config.method, **dict(config.method_args))
+    return cohort_lib.Cohort(models, optimizers, method, config.update,
+                             weight_decay=config.weight_decay, jit_compile=config.jit_compile)
+
+
+def _check_model_dir(config):
+    """Refuses a model_dir that holds a run of another configuration."""
+    path = os.path.join(config.model_dir, "flags.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    current = json.loads(config.to_json())
+    changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES
+                     and k in previous and previous[k] != current[k])
+    if changed:
+        raise UserError(
+            f"--model_dir={config.model_dir} holds a run with different {', '.join(changed)} "
+            f"(see its flags.json); pass a new --model_dir, or delete that folder to start over.")
+
+
+def _progress_values(step_metrics, num_peers):
+    values = []
+    for k in range(1, num_peers + 1):
+        values.append((f"p{k}_loss", step_metrics[f"peer{k}/total"]))
+        values.append((f"p{k}_acc", step_metrics[f"peer{k}/top1"]))
+    return values
+
+
+def _check_finite(step_metrics, num_peers, step, model_dir):
+    for k in range(1, num_peers + 1):
+        value = step_metrics[f"peer{k}/total"]
+        if not math.isfinite(value):
+            raise UserError(
+                f"Peer {k}'s loss became {value} at step {step}; training stopped and the last "
+                f"checkpoint in {model_dir} is kept: lower --learning_rate and run again to resume.")
+
+
+def evaluate(cohort, dataset):
+    """Test metrics of the cohort on `dataset` (see classification.cohort_metrics)."""
+    probs, labels = classification.collect_probabilities(cohort.predict, dataset)
+    return classification.cohort_metrics(probs, labels, prefix="test")
+
+
+def train_and_evaluate(config):
+    """Trains the cohort of `config`, evaluates it, writes everything to config.model_dir.
+
+    Returns:
+      The final metrics (also written to model_dir/results.json).
+    """
+    os.makedirs(config.model_dir, exist_ok=True)
+    _check_model_dir(config)
+    keras.utils.set_random_seed(config.seed)
+
+    data = data_lib.load(config.dataset, data_dir=config.data_dir,
+                         tfds_data_dir=config.tfds_data_dir, seed=config.seed)
+    steps_per_epoch = len(data.x_train) // config.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch_size={config.batch_size} is larger than the training set "
+                        f"({len(data.x_train)} images); lower it.")
+    if config.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+    input_shape = data.x_train.shape[1:]
+    cohort = build_cohort(config, data.num_classes, input_shape, steps_per_epoch)
+    num_peers = cohort.num_peers
+
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    trackables = {"epoch": epoch_var}
+    for k, (model, opt) in enumerate(zip(cohort.models, cohort.optimizers), start=1):
+        trackables[f"peer{k}"] = model
+        trackables[f"optimizer{k}"] = opt
+    checkpoint = tf.train.Checkpoint(**trackables)
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(config.model_dir, "checkpoints"),
+                                         max_to_keep=3)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        print(f"Resumed from {manager.latest_checkpoint} (epoch {int(epoch_var.numpy())}, "
+              f"step {int(cohort.optimizers[0].iterations.numpy())}).")
+    write_json_atomically(os.path.join(config.model_dir, "flags.json"),
+                          json.loads(config.to_json()))
+
+    writer = tf.summary.create_file_writer(config.model_dir)
+    eval_ds = pipeline.eval_dataset(data.x_test, data.y_test, data.mean, data.std,
+                                    config.eval_batch_size)
+    results = {}
+    start_epoch = int(epoch_var.numpy())
+    started = time.time()
+    for epoch in range(start_epoch, config.epochs):
+        # A seed per epoch: a resumed run draws the data order its epoch would have had.
+        train_ds = pipeline.train_dataset(data.x_train, data.y_train, data.mean, data.std,
+                                          config.batch_size, seed=config.seed * 100003 + epoch)
+        print(f"Epoch {epoch + 1}/{config.epochs}")
+        progbar = keras.utils.Progbar(steps_per_epoch)
+        sums = {}
+        for step, (images, labels) in enumerate(train_ds.take(steps_per_epoch), start=1):
+            step_metrics = {k: float(v) for k, v in cohort.train_step(images, labels).items()}
+            global_step = int(cohort.optimizers[0].iterations.numpy())
+            _check_finite(step_metrics, num_peers, global_step, config.model_dir)
+            for key, value in step_metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+            progbar.update(step, _progress_values(step_metrics, num_peers))
+        train_metrics = {f"train/{k}": v / steps_per_epoch for k, v in sums.items()}
+        with writer.as_default(step=global_step):
+            for key, value in train_metrics.items():
+                tf.summary.scalar(key, value)
+            for k, opt in enumerate(cohort.optimizers, start=1):
+                tf.summary.scalar(f"lr/peer{k}", float(opt.learning_rate.numpy()))
+            last = epoch + 1 == config.epochs
+            if last or (epoch + 1) % config.eval_every_epochs == 0:
+                test_metrics = evaluate(cohort, eval_ds)
+                for key, value in test_metrics.items():
+                    tf.summary.scalar(key, value)
+                print("  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()
+                                       if k.endswith("top1")))
+                results = train_metrics | test_metrics
+        writer.flush()
+        epoch_var.assign(epoch + 1)
+        manager.save(checkpoint_number=epoch + 1)
+
+    if not results:  # Resumed a finished run: nothing trained, evaluate what is there.
+        results = evaluate(cohort, eval_ds)
+    write_json_atomically(os.path.join(config.model_dir, "results.json"), results)
+    if config.export:
+        preprocess = functools.partial(pipeline.normalize, mean=data.mean, std=data.std)
+        paths = export.export_cohort(cohort, os.path.join(config.model_dir, "export"), preprocess)
+        export.check_export(paths, cohort, tf.constant(data.x_test[:8]), preprocess)
+    print(f"Trained {config.epochs - start_epoch} epochs in {time.time() - started:.0f}s.")
+    print(f"Results: {os.path.join(config.model_dir, 'results.json')}")
+    print(f"Watch:   tensorboard --logdir {config.model_dir}")
+    return results
+
+
+def main(make_config):
+    """Run-script entry: builds the config and trains; a UserError exits 2 with its sentence."""
+    try:
+        train_and_evaluate(make_config())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
