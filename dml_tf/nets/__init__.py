@@ -1,0 +1,80 @@
+"""Network registry: `build(name, num_classes, input_shape, **kw)` -> images-to-logits model.
+
+Every network is a functional keras.Model from float32 images (already normalised by
+the data pipeline) to logits, with its last pooling layer named "features" so that
+``keras.Model(m.inputs, m.get_layer("features").output)`` gives the embedding used for
+re-identification. Adding a network = one file with a builder
+``fn(num_classes, input_shape, *, name=..., **options)`` + one line in `_BUILDERS`.
+"""
+
+import inspect
+
+from dml_tf.errors import UserError
+from dml_tf.nets import inception_v1, mobilenet, resnet_cifar, tiny, wide_resnet
+
+_BUILDERS = {
+    "resnet32": resnet_cifar.resnet32,
+    "mobilenet": mobilenet.mobilenet,
+    "inception_v1": inception_v1.inception_v1,
+    "wrn28_10": wide_resnet.wrn28_10,
+    "tiny": tiny.tiny,
+}
+NAMES = tuple(_BUILDERS)
+_MIN_SIDE = 8
+
+
+def options(name):
+    """Returns the keyword options (besides `name`) that network `name` accepts."""
+    params = inspect.signature(_builder(name)).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "name")
+
+
+def _builder(name):
+    if name not in _BUILDERS:
+        raise UserError(f"Unknown network {name!r}; choose one of: {', '.join(NAMES)}.")
+    return _BUILDERS[name]
+
+
+def build(name, /, num_classes, input_shape=(32, 32, 3), **kw):
+    """Builds network `name` for `num_classes` classes.
+
+    Args:
+        name: one of `NAMES`.
+        num_classes: number of logits, >= 1.
+        input_shape: (height, width, channels) of the images; both sides >= 8.
+        **kw: network options, e.g. ``name="peer1"`` (the Keras model name, default
+            the network name, so two peers of one architecture can be told apart),
+            ``dropout`` or ``weights`` where the network has them (see `options`).
+            An option set to None means "the network's default" and is dropped for
+            networks without it, so a caller may pass e.g. ``weights=None`` to all.
+
+    Returns:
+        A keras.Model mapping float32 images [batch, *input_shape] to logits
+        [batch, num_classes] (no softmax).
+
+    Raises:
+        UserError: for an unknown network or option, a bad class count or input shape.
+    """
+    builder = _builder(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise UserError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    shape = tuple(input_shape)
+    if (len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape)
+            or min(shape[:2]) < _MIN_SIDE):
+        raise UserError(
+            f"input_shape must be (height, width, channels) with sides >= {_MIN_SIDE}, "
+            f"got {input_shape!r}.")
+    accepted = options(name)
+    for key in list(kw):
+        if key == "name" or key in accepted:
+            continue
+        if kw[key] is None:
+            del kw[key]
+        else:
+            raise UserError(
+                f"Network {name!r} has no option {key!r}; it accepts: "
+                f"{', '.join(accepted + ('name',))}.")
+    model_name = kw.pop("name", None) or name
+    if not isinstance(model_name, str) or "/" in model_name:
+        raise UserError(f"Model name must be a string without '/', got {model_name!r}.")
+    return builder(num_classes, shape, name=model_name, **kw)
