@@ -1,0 +1,29 @@
+"""Deep Mutual Learning on CIFAR-10/100 (paper Table 2) and the offline digits quickstart.
+
+  python run_cifar.py --flagfile=flags/quickstart.flags
+  python run_cifar.py --flagfile=flags/cifar100/dml_resnet32_resnet32.flags --data_dir=/data/cifar-100-binary
+"""
+
+from absl import app, flags
+
+from dml_tf import config, train_lib
+
+config.define_flags()
+flags.DEFINE_enum("dataset", "cifar100", ["cifar10", "cifar100", "digits"],
+                  "cifar10 / cifar100 (paper Table 2) or digits (scikit-learn's bundled 8x8 "
+                  "digits upsampled to 32x32: offline, for the quickstart).")
+flags.DEFINE_string("data_dir", None,
+                    "An extracted cifar-10-batches-bin or cifar-100-binary folder (the original "
+                    "binary version, or its parent); unset: tensorflow-datasets (downloads).")
+flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    train_lib.main(lambda: config.config_from_flags(FLAGS))
+
+
+if __name__ == "__main__":
+    app.run(main)
