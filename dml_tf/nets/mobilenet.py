@@ -115,7 +115,7 @@ def mobilenet(num_classes, input_shape, *, dropout=1e-3, weights=None, name="mob
             raise UserError(
                 "Could not download the ImageNet MobileNet weights; connect to the "
                 "network or pass weights=<path to mobilenet_1_0_224_tf_no_top.h5>.") from e
-        inputs, x = base.inputs, base.output
+        inputs, x = base.input, base.output
     else:
         inputs = keras.Input(shape=input_shape, name="images")
         x = _small_input_base(inputs)
