@@ -5,6 +5,7 @@
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -51,9 +52,9 @@ class ImageData:
 def channel_stats(images):
     """Exact per-channel mean and standard deviation of uint8 images.
 
-    Counts every pixel value per channel (a 256-bin histogram) and takes the moments of the
-    histogram in float64: exact up to float64 rounding, and it never materialises a float
-    copy of the images (1.2 GB for CIFAR's training set).
+    Counts every pixel value per channel (a 256-bin histogram) and takes the moments in
+    exact integer arithmetic, rounding once to float64 at the end: no float copy of the
+    images (1.2 GB for CIFAR's training set) and no accumulated rounding error.
 
     Args:
         images: uint8 array [..., C].
@@ -62,17 +63,17 @@ def channel_stats(images):
         (mean, std): tuples of C Python floats, pixel units, population std (ddof=0).
     """
     images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"channel_stats needs uint8 images, got {images.dtype}.")
-    values = np.arange(256, dtype=np.float64)
+    if images.dtype != np.uint8 or images.size == 0:
+        raise ValueError(f"channel_stats needs non-empty uint8 images, got {images.dtype} "
+                         f"{images.shape}.")
     means, stds = [], []
     for c in range(images.shape[-1]):
-        counts = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
-        n = counts.sum()
-        mean = (counts * values).sum() / n
-        var = (counts * (values - mean) ** 2).sum() / n
-        means.append(float(mean))
-        stds.append(float(np.sqrt(var)))
+        counts = np.bincount(images[..., c].ravel(), minlength=256).tolist()
+        n = sum(counts)
+        s1 = sum(k * v for v, k in enumerate(counts))
+        s2 = sum(k * v * v for v, k in enumerate(counts))
+        means.append(s1 / n)  # int / int: correctly rounded.
+        stds.append(math.sqrt((n * s2 - s1 * s1) / (n * n)))  # exact variance, one rounding.
     return tuple(means), tuple(stds)
 
 
