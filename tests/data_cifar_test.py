@@ -225,8 +225,18 @@ def no_probe(*args, **kwargs):
     raise AssertionError("the network probe must not run when tfds can serve the data")
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fails the test on any outgoing connection (the loader's or tensorflow-datasets')."""
+    def connect(self, address, *args):
+        raise AssertionError(f"network access to {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect)
+
+
 @pytest.mark.parametrize("dataset,classes", [("cifar10", 10), ("cifar100", 100)])
-def test_tfds_under_mock_data(tmp_path, monkeypatch, dataset, classes):
+def test_tfds_under_mock_data(tmp_path, monkeypatch, no_network, dataset, classes):
     monkeypatch.setattr(cifar, "_reachable", no_probe)
     with tfds.testing.mock_data(num_examples=7):
         (x_train, y_train), (x_test, y_test) = cifar.load_tfds(dataset, data_dir=str(tmp_path))
@@ -286,3 +296,41 @@ def test_probe_sees_a_listening_host(closed_port):
         server.bind(("127.0.0.1", 0))
         server.listen()
         assert cifar._reachable([server.getsockname(), closed_port], timeout=3) == [True, False]
+
+
+def sorted_records(x, y):
+    """Examples in a canonical order (tfds shuffles them when it prepares a split)."""
+    keys = [bytes([label]) + image.tobytes() for image, label in zip(x, y)]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return x[order], y[order]
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_tfds_prepares_from_the_archive_then_loads_offline(
+        tmp_path, monkeypatch, no_network, cifar10_dir, cifar100_dir, dataset):
+    """The real tfds path: prepare from the (tiny) extracted archive, then read it offline.
+
+    Only the download itself is replaced: tfds "downloads and extracts" to the folder this
+    test wrote, parses it with its own CIFAR code and writes a prepared copy.
+    """
+    (cifar10_dir / "batches.meta.txt").write_text("\n".join(f"c{i}" for i in range(10)))
+    (cifar100_dir / "coarse_label_names.txt").write_text("\n".join(f"k{i}" for i in range(20)))
+    (cifar100_dir / "fine_label_names.txt").write_text("\n".join(f"f{i}" for i in range(100)))
+    archive_root = str(cifar10_dir.parent)
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract",
+                        lambda self, url: archive_root)
+    # Only the origin host "answers": tfds must not look for a copy on Cloud Storage.
+    monkeypatch.setattr(cifar, "_reachable", lambda addresses: [False, True])
+    tfds_dir = str(tmp_path / "tfds")
+    prepared = cifar.load_tfds(dataset, data_dir=tfds_dir)
+
+    monkeypatch.setattr(cifar, "_reachable", no_probe)
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", no_probe)
+    offline = cifar.load_tfds(dataset, data_dir=tfds_dir)
+    for split, (x, y), (x_again, y_again) in zip(("train", "test"), prepared, offline):
+        np.testing.assert_array_equal(x, x_again)
+        np.testing.assert_array_equal(y, y_again)
+        # tfds's own parser and ours agree on every pixel and label.
+        expected = sorted_records(*cifar.load_binary(archive_root, dataset, split))
+        for ours, theirs in zip(expected, sorted_records(x, y)):
+            np.testing.assert_array_equal(ours, theirs)
