@@ -1,0 +1,120 @@
+"""End to end: a few steps on CIFAR-10 binary files written here, resume, export, reload."""
+
+import dataclasses
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dml_tf import config as config_lib
+from dml_tf import train_lib
+from dml_tf.errors import UserError
+
+
+def _write_cifar10(folder, rng):
+    """The original layout: per record 1 label byte, then the R, G, B planes (32x32 each)."""
+    folder.mkdir(parents=True)
+    images = {}
+    for name, n in [(f"data_batch_{i}.bin", 16) for i in range(1, 6)] + [("test_batch.bin", 24)]:
+        x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 10, size=n, dtype=np.uint8)
+        planes = x.transpose(0, 3, 1, 2).reshape(n, -1)
+        (folder / name).write_bytes(np.concatenate([y[:, None], planes], axis=1).tobytes())
+        images[name] = (x, y)
+    return images
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "cifar-10-batches-bin"
+    return folder, _write_cifar10(folder, np.random.default_rng(0))
+
+
+def _config(model_dir, data_dir, **overrides):
+    base = config_lib.Config(
+        dataset="cifar10", data_dir=str(data_dir), nets=("tiny", "tiny"), method="dml",
+        epochs=1, steps_per_epoch=2, batch_size=16, eval_batch_size=10, learning_rate=0.05,
+        model_dir=str(model_dir), export=True)
+    return dataclasses.replace(base, **overrides)
+
+
+def _scalar_tags(model_dir):
+    tags = set()
+    for path in glob.glob(os.path.join(model_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.add(value.tag)
+    return tags
+
+
+def test_train_resume_export(cifar_dir, tmp_path, capsys):
+    folder, arrays = cifar_dir
+    model_dir = tmp_path / "run"
+    results = train_lib.train_and_evaluate(_config(model_dir, folder))
+
+    # results.json: flat, keyed like the TensorBoard tags, accuracies as fractions.
+    on_disk = json.loads((model_dir / "results.json").read_text())
+    assert on_disk == pytest.approx(results)
+    for key in ("test/peer1/top1", "test/peer2/top1", "test/peer1/top5", "test/mean/top1",
+                "test/ensemble/top1", "train/peer1/ce", "train/peer2/mimicry"):
+        assert key in on_disk
+    for key in ("test/peer1/top1", "test/ensemble/top5"):
+        assert 0.0 <= on_disk[key] <= 1.0
+    flags_json = json.loads((model_dir / "flags.json").read_text())
+    assert flags_json["nets"] == ["tiny", "tiny"] and flags_json["method"] == "dml"
+    tags = _scalar_tags(str(model_dir))
+    assert {"train/peer1/ce", "train/peer1/mimicry", "train/peer2/ce", "test/peer1/top1",
+            "test/ensemble/top1", "lr/peer1", "lr/peer2"} <= tags
+
+    # Resume: the same command with more epochs continues from epoch 1, step 2.
+    capsys.readouterr()
+    train_lib.train_and_evaluate(_config(model_dir, folder, epochs=2))
+    assert "Resumed" in capsys.readouterr().out
+    cfg = _config(model_dir, folder, epochs=2)
+    cohort = train_lib.build_cohort(cfg, 10, (32, 32, 3), steps_per_epoch=2)
+    checkpoint = tf.train.Checkpoint(epoch=tf.Variable(0, dtype=tf.int64), peer1=cohort.models[0],
+                                     peer2=cohort.models[1], optimizer1=cohort.optimizers[0],
+                                     optimizer2=cohort.optimizers[1])
+    latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
+    checkpoint.restore(latest).assert_existing_objects_matched()
+    assert int(checkpoint.epoch.numpy()) == 2
+    assert int(cohort.optimizers[0].iterations.numpy()) == 4  # 2 steps x 2 epochs, not 2 + 4
+
+    # Export: uint8 in, the restored cohort's probabilities out (normalised with numpy stats).
+    train_x = np.concatenate([arrays[f"data_batch_{i}.bin"][0] for i in range(1, 6)])
+    mean = train_x.reshape(-1, 3).astype(np.float64).mean(axis=0)
+    std = train_x.reshape(-1, 3).astype(np.float64).std(axis=0)
+    test_x = arrays["test_batch.bin"][0][:5]
+    inputs = ((test_x - mean) / std).astype(np.float32)
+    expected = [m(inputs, training=False).numpy() for m in cohort.models]
+    expected = [np.exp(z) / np.exp(z).sum(1, keepdims=True) for z in expected]
+    for name, probs in [("peer1", expected[0]), ("peer2", expected[1]),
+                        ("ensemble", (expected[0] + expected[1]) / 2)]:
+        served = tf.saved_model.load(str(model_dir / "export" / name)).signatures["serving_default"](
+            images=tf.constant(test_x))
+        np.testing.assert_allclose(served["probabilities"].numpy(), probs, atol=1e-5)
+        assert served["logits"].shape == (5, 10)
+
+
+def test_model_dir_of_another_run_is_refused(cifar_dir, tmp_path):
+    folder, _ = cifar_dir
+    model_dir = tmp_path / "run"
+    train_lib.train_and_evaluate(_config(model_dir, folder, export=False))
+    with pytest.raises(UserError, match="method"):
+        train_lib.train_and_evaluate(_config(model_dir, folder, method="independent", export=False))
+
+
+def test_sequential_three_peers_simultaneous(cifar_dir, tmp_path):
+    folder, _ = cifar_dir
+    results = train_lib.train_and_evaluate(_config(
+        tmp_path / "run", folder, nets=("tiny",) * 3, update="simultaneous", method="dml_e",
+        export=False, optimizer="adam", lr_decay_rate=1.0))
+    assert "test/peer3/top1" in results and "train/peer3/mimicry" in results
+
+
+def test_missing_data_dir_is_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="--data_dir"):
+        train_lib.train_and_evaluate(_config(tmp_path / "run", tmp_path / "nowhere"))
