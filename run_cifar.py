@@ -4,9 +4,13 @@
   python run_cifar.py --flagfile=flags/cifar100/dml_resnet32_resnet32.flags --data_dir=/data/cifar-100-binary
 """
 
-from absl import app, flags
+import os
 
-from dml_tf import config, train_lib
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads: keep its C++ start-up chatter out.
+
+from absl import app, flags  # noqa: E402
+
+from dml_tf import config, train_lib  # noqa: E402
 
 config.define_flags()
 flags.DEFINE_enum("dataset", "cifar100", ["cifar10", "cifar100", "digits"],

@@ -12,6 +12,7 @@ import sys
 import time
 
 import keras
+from absl import logging as absl_logging
 import numpy as np
 import tensorflow as tf
 
@@ -138,7 +139,8 @@ def train_and_evaluate(config):
     for epoch in range(start_epoch, config.epochs):
         # A seed per epoch: a resumed run draws the data order its epoch would have had.
         train_ds = pipeline.train_dataset(data.x_train, data.y_train, data.mean, data.std,
-                                          config.batch_size, seed=config.seed * 100003 + epoch)
+                                          config.batch_size, seed=config.seed * 100003 + epoch,
+                                          flip=data.horizontal_flip)
         print(f"Epoch {epoch + 1}/{config.epochs}")
         progbar = keras.utils.Progbar(steps_per_epoch)
         sums = {}
@@ -182,6 +184,8 @@ def train_and_evaluate(config):
 
 def main(make_config):
     """Run-script entry: builds the config and trains; a UserError exits 2 with its sentence."""
+    # TensorFlow's INFO lines (checkpoint sharding, SavedModel assets) would bury the progress.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         train_and_evaluate(make_config())
     except UserError as e:

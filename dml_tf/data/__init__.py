@@ -27,6 +27,8 @@ class ImageData:
         mean: per-channel mean of `x_train`, 3 floats in pixel units (0..255).
         std: per-channel standard deviation (population, ddof=0) of `x_train`, pixel units.
         name: the dataset name, e.g. "cifar100".
+        horizontal_flip: whether mirrored images are valid training examples (CIFAR: yes;
+            digits: no, a mirrored 3 is no longer a 3).
     """
 
     x_train: np.ndarray
@@ -37,6 +39,7 @@ class ImageData:
     mean: tuple
     std: tuple
     name: str
+    horizontal_flip: bool = True
 
     def __post_init__(self):
         for split, x, y in (("train", self.x_train, self.y_train),

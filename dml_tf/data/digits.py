@@ -43,4 +43,5 @@ def load(seed=0):
         images, labels, test_size=TEST_FRACTION, random_state=seed, stratify=labels)
     mean, std = channel_stats(x_train)
     return ImageData(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-                     num_classes=10, mean=mean, std=std, name="digits")
+                     num_classes=10, mean=mean, std=std, name="digits",
+                     horizontal_flip=False)

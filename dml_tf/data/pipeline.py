@@ -44,7 +44,8 @@ def _check(images, labels, mean, std, batch_size, flag):
         raise ValueError(f"std must be positive in every channel, got {std}.")
 
 
-def train_dataset(images, labels, mean, std, batch_size, seed, augment=True, views=1):
+def train_dataset(images, labels, mean, std, batch_size, seed, augment=True, views=1,
+                  flip=True):
     """The training pipeline: whole-set shuffle, pad-crop-flip, normalise, full batches.
 
     Augmentation runs on whole batches (`augment.pad_crop_flip_batch`), each image with its
@@ -60,6 +61,7 @@ def train_dataset(images, labels, mean, std, batch_size, seed, augment=True, vie
             has the static shape [batch_size, H, W, 3] and a train step compiles once.
         seed: int seed of the shuffle and of the augmentation.
         augment: whether to pad-crop-flip (False: shuffle and normalise only).
+        flip: with augment, whether to also mirror half of the images horizontally.
         views: number of independently augmented copies of each batch (KDCL's
             per-peer augmentation); with views > 1 the images are a tuple of `views` tensors.
 
@@ -85,7 +87,8 @@ def train_dataset(images, labels, mean, std, batch_size, seed, augment=True, vie
     def view(x, batch_seed, k):
         if augment:
             x = augment_lib.pad_crop_flip_batch(
-                x, tf.random.experimental.stateless_fold_in(batch_seed, k), padding=PADDING)
+                x, tf.random.experimental.stateless_fold_in(batch_seed, k), padding=PADDING,
+                flip=flip)
         return normalize(x, mean, std)
 
     def transform(batch, batch_seed):
