@@ -1,0 +1,88 @@
+"""run_cifar.py: every flagfile parses into a valid config; user errors exit 2 in one sentence."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+import run_cifar  # noqa: F401  (defines the flags)
+from dml_tf import config as config_lib
+from dml_tf.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "**", "*.flags"), recursive=True))
+
+
+def _parse(*args):
+    FLAGS.unparse_flags()
+    FLAGS(["run_cifar.py", *args])
+    return config_lib.config_from_flags(FLAGS)
+
+
+@pytest.fixture(autouse=True)
+def _from_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # flagfiles include flags/cifar_paper.flags relative to the root
+    yield
+    FLAGS.unparse_flags()
+
+
+def test_there_is_a_flagfile_per_table2_cell():
+    names = {os.path.relpath(p, os.path.join(ROOT, "flags")) for p in FLAGFILES}
+    pairs = ["resnet32_resnet32", "wrn28_10_resnet32", "mobilenet_resnet32",
+             "mobilenet_mobilenet", "wrn28_10_mobilenet", "wrn28_10_wrn28_10"]
+    for dataset in ("cifar10", "cifar100"):
+        for method in ("independent", "dml"):
+            for pair in pairs:
+                assert f"{dataset}/{method}_{pair}.flags" in names
+    assert "quickstart.flags" in names
+
+
+@pytest.mark.parametrize("path", FLAGFILES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_flagfile_parses(path):
+    cfg = _parse(f"--flagfile={os.path.relpath(path, ROOT)}")
+    assert len(cfg.nets) >= 2
+    if "/cifar" in path and "cifar_paper" not in path:
+        dataset, name = os.path.relpath(path, os.path.join(ROOT, "flags")).split("/")
+        method, rest = name[:-len(".flags")].split("_", 1)
+        assert cfg.dataset == dataset and cfg.method == method
+        assert "_".join(cfg.nets) == rest
+        # The paper's schedule (Sec. 4.1).
+        assert (cfg.optimizer, cfg.learning_rate, cfg.momentum, cfg.nesterov) == ("sgd", 0.1, 0.9, True)
+        assert (cfg.lr_decay_rate, cfg.lr_decay_epochs, cfg.epochs, cfg.batch_size) == (0.1, 60, 200, 64)
+        assert cfg.weight_decay == 5e-4 and cfg.update == "sequential"
+
+
+def test_nets_shorthand_and_keyword_args():
+    cfg = _parse("--nets=resnet32x3", "--method_args=label_smoothing=0.1", "--net_args=shortcut=B")
+    assert cfg.nets == ("resnet32", "resnet32", "resnet32")
+    assert cfg.method_args == (("label_smoothing", 0.1),)
+    assert cfg.net_args == (("shortcut", "B"),)
+    assert _parse("--nets=mobilenet,resnet32").nets == ("mobilenet", "resnet32")
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--nets=resnet33,resnet32"], "--nets"),
+    (["--nets=resnet32"], "--nets"),  # dml needs two
+    (["--epochs=0"], "--epochs"),
+    (["--learning_rate=-0.1"], "--learning_rate"),
+    (["--method_args=oops"], "--method_args"),
+    (["--method_args=temperature=2"], "--method_args"),
+])
+def test_bad_flags_are_user_errors(args, flag):
+    with pytest.raises(UserError, match=flag):
+        _parse(*args)
+
+
+def test_cli_user_error_exits_2_with_one_sentence(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "run_cifar.py"), "--nets=resnet32,nope",
+         f"--model_dir={tmp_path}"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1 and "--nets" in error_lines[0] and "nope" in error_lines[0]
