@@ -99,12 +99,27 @@ def train_and_evaluate(config):
     Returns:
       The final metrics (also written to model_dir/results.json).
     """
+    return train_cohort(config)[1]
+
+
+def train_cohort(config, data=None):
+    """train_and_evaluate, also returning the trained cohort.
+
+    Args:
+      config: the run's Config.
+      data: an ImageData to train on instead of loading `config.dataset` (benchmarks on
+        arrays of their own).
+
+    Returns:
+      (cohort, final metrics).
+    """
     os.makedirs(config.model_dir, exist_ok=True)
     _check_model_dir(config)
     keras.utils.set_random_seed(config.seed)
 
-    data = data_lib.load(config.dataset, data_dir=config.data_dir,
-                         tfds_data_dir=config.tfds_data_dir, seed=config.seed)
+    if data is None:
+        data = data_lib.load(config.dataset, data_dir=config.data_dir,
+                             tfds_data_dir=config.tfds_data_dir, seed=config.seed)
     steps_per_epoch = len(data.x_train) // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch_size={config.batch_size} is larger than the training set "
@@ -179,7 +194,7 @@ def train_and_evaluate(config):
     print(f"Trained {config.epochs - start_epoch} epochs in {time.time() - started:.0f}s.")
     print(f"Results: {os.path.join(config.model_dir, 'results.json')}")
     print(f"Watch:   tensorboard --logdir {config.model_dir}")
-    return results
+    return cohort, results
 
 
 def main(make_config):
