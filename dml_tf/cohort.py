@@ -3,6 +3,7 @@
 The cohort calls a method to turn logits into losses; it does not know which method.
 """
 
+import keras
 import tensorflow as tf
 
 from dml_tf import losses
@@ -20,6 +21,12 @@ class Cohort:
         peer k. Costs K forward+backward passes plus K−1 extra forward passes.
       * "simultaneous" (the paper's distributed variant): one forward pass of every peer,
         every peer updated from the same predictions.
+
+    What the method asks for, the cohort provides, without knowing the method:
+      * `method.uses_features`: the last-pooling features ("features" layer) of every peer
+        are passed to `method.losses(..., features=...)`.
+      * `method.frozen_peers`: 0-based indices of peers that are never updated (a fixed
+        teacher); they predict in inference mode.
 
     Weight decay is added here, as weight_decay/2·Σ‖W‖² over each peer's kernels, so that
     networks and methods stay free of regularisation details.
@@ -46,30 +53,66 @@ class Cohort:
         self.method = method
         self.update = update
         self.weight_decay = float(weight_decay)
-        for model, optimizer in zip(self.models, self.optimizers):
-            # Built eagerly so that the compiled step never creates variables.
-            optimizer.build(model.trainable_variables)
-        image_spec = tf.TensorSpec([None, *models[0].input_shape[1:]], tf.float32)
-        label_spec = tf.TensorSpec([None], tf.int64)
-        # An input signature with an unknown batch size: traced once, whatever the batch.
-        step = self._sequential_step if update == "sequential" else self._simultaneous_step
-        self._train_step = tf.function(step, input_signature=[image_spec, label_spec],
-                                       jit_compile=jit_compile or None)
-        self._predict_logits = tf.function(self._logits, input_signature=[image_spec],
+        self.jit_compile = bool(jit_compile)
+        self.frozen = frozenset(getattr(method, "frozen_peers", ()))
+        self._uses_features = bool(getattr(method, "uses_features", False))
+        # Same layers and weights as the peers, with the pooled features as a second output.
+        self._feature_models = [
+            keras.Model(m.input, [m.get_layer("features").output, m.output]) for m in self.models
+        ] if self._uses_features else None
+        for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
+            if k not in self.frozen:
+                # Built eagerly so that the compiled step never creates variables.
+                optimizer.build(model.trainable_variables)
+        self._image_spec = tf.TensorSpec([None, *models[0].input_shape[1:]], tf.float32)
+        self._compiled = {}
+        self._predict_logits = tf.function(self._logits, input_signature=[self._image_spec],
                                            jit_compile=jit_compile or None)
 
     @property
     def num_peers(self):
         return len(self.models)
 
-    def train_step(self, images, labels):
+    def train_step(self, images, labels, label_mask=None):
         """One cohort update on one mini-batch.
+
+        Args:
+          images: float32 [B, H, W, C], or a tuple of K such tensors: peer k's own
+            augmentation of the same images (KDCL's per-peer augmentation).
+          labels: int64 [B].
+          label_mask: optional float [B], 1 where the label is known (semi-supervised:
+            cross-entropy on those, mimicry on all).
 
         Returns:
           A dict of scalars: "peer{k}/{ce,mimicry,total,weight_decay,top1}" for k = 1..K
           (top1 = training accuracy of the predictions the update used).
         """
-        return self._train_step(images, labels)
+        views = isinstance(images, (list, tuple))
+        masked = label_mask is not None
+        step = self._compiled.get((views, masked)) or self._compile(views, masked)
+        args = [tuple(images) if views else images, labels] + ([label_mask] if masked else [])
+        return step(*args)
+
+    def _compile(self, views, masked):
+        """A tf.function for one input structure, with an unknown batch size: traced once."""
+        image_spec = (tuple([self._image_spec] * self.num_peers) if views else self._image_spec)
+        signature = [image_spec, tf.TensorSpec([None], tf.int64)]
+        if masked:
+            signature.append(tf.TensorSpec([None], tf.float32))
+        body = self._sequential_step if self.update == "sequential" else self._simultaneous_step
+
+        def step(images, labels, label_mask=None):
+            per_peer = list(images) if views else [images] * self.num_peers
+            return body(per_peer, labels, label_mask)
+
+        compiled = tf.function(step, input_signature=signature, jit_compile=self.jit_compile or None)
+        self._compiled[(views, masked)] = compiled
+        return compiled
+
+    @property
+    def trace_count(self):
+        """How many times the train steps were traced (one per input structure used)."""
+        return sum(f.experimental_get_tracing_count() for f in self._compiled.values())
 
     def predict(self, images):
         """Per-peer class probabilities (inference mode), a list of K [B, M] tensors."""
@@ -83,6 +126,18 @@ class Cohort:
 
     def _logits(self, images):
         return [tf.cast(m(images, training=False), tf.float32) for m in self.models]
+
+    def _forward(self, k, images):
+        """(logits, features or None) of peer k; frozen peers run in inference mode."""
+        training = k not in self.frozen
+        if self._uses_features:
+            features, logits = self._feature_models[k](images, training=training)
+            return tf.cast(logits, tf.float32), tf.cast(features, tf.float32)
+        return tf.cast(self.models[k](images, training=training), tf.float32), None
+
+    def _losses(self, logits, features, labels, label_mask):
+        return self.method.losses(logits, labels, label_mask=label_mask,
+                                  features=features if self._uses_features else None)
 
     def _objective(self, k, peer_losses):
         penalty = losses.l2_weight_penalty(self.models[k].trainable_variables, self.weight_decay)
@@ -101,38 +156,44 @@ class Cohort:
         correct = tf.equal(tf.argmax(logits_k, axis=-1, output_type=tf.int64), labels)
         metrics[f"peer{k + 1}/top1"] = tf.reduce_mean(tf.cast(correct, tf.float32))
 
-    def _simultaneous_step(self, images, labels):
+    def _simultaneous_step(self, images, labels, label_mask):
         metrics = {}
         with tf.GradientTape(persistent=True) as tape:
-            logits = [tf.cast(m(images, training=True), tf.float32) for m in self.models]
-            all_losses = self.method.losses(logits, labels)
+            outputs = [self._forward(k, images[k]) for k in range(self.num_peers)]
+            logits = [z for z, _ in outputs]
+            all_losses = self._losses(logits, [f for _, f in outputs], labels, label_mask)
             objectives = [self._objective(k, all_losses[k]) for k in range(self.num_peers)]
         for k in range(self.num_peers):
-            self._apply(k, objectives[k][0], tape)
+            if k not in self.frozen:
+                self._apply(k, objectives[k][0], tape)
             self._report(metrics, k, all_losses[k], objectives[k][1], logits[k], labels)
         del tape
         return metrics
 
-    def _sequential_step(self, images, labels):
+    def _sequential_step(self, images, labels, label_mask):
         metrics = {}
         with tf.GradientTape(persistent=True) as tape:
             # Peer k's forward pass here uses θ_k as it is when peer k's turn comes (peers
             # after k are not yet updated), so one recorded pass per peer serves both as
             # the others' target and as peer k's own differentiable prediction.
-            logits = [tf.cast(m(images, training=True), tf.float32) for m in self.models]
+            outputs = [self._forward(k, images[k]) for k in range(self.num_peers)]
+            logits = [z for z, _ in outputs]
+            features = [f for _, f in outputs]
             for k in range(self.num_peers):
-                peer_losses = self.method.losses(logits, labels)[k]
+                peer_losses = self._losses(logits, features, labels, label_mask)[k]
                 objective, penalty = self._objective(k, peer_losses)
                 with tape.stop_recording():
-                    self._apply(k, objective, tape)
                     self._report(metrics, k, peer_losses, penalty, logits[k], labels)
+                    if k in self.frozen:
+                        continue
+                    self._apply(k, objective, tape)
                     if k + 1 < self.num_peers:
-                        logits[k] = self._refresh(k, images)
+                        logits[k], features[k] = self._refresh(k, images[k])
         del tape
         return metrics
 
     def _refresh(self, k, images):
-        """p_k recomputed with the updated θ_k (Algorithm 1, steps 2 and 4).
+        """p_k (and features) recomputed with the updated θ_k (Algorithm 1, steps 2 and 4).
 
         Training mode, as for the first prediction, but the BatchNorm moving statistics are
         put back afterwards: the step must move them once per peer, as in a plain update.
@@ -143,7 +204,8 @@ class Cohort:
         # tf.function's automatic control dependencies order these reads and assignments
         # with the forward pass's own updates of the same variables.
         saved = [tf.identity(v.value) for v in statistics]
-        refreshed = tf.stop_gradient(tf.cast(model(images, training=True), tf.float32))
+        logits, features = self._forward(k, images)
         for variable, value in zip(statistics, saved):
             variable.assign(value)
-        return refreshed
+        features = None if features is None else tf.stop_gradient(features)
+        return tf.stop_gradient(logits), features

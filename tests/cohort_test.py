@@ -28,10 +28,15 @@ def _linear_model(seed, name):
     return keras.Model(inputs, logits, name=name)
 
 
-def _numpy_dml_grad(w, b, x, y, target):
-    """Gradient of CE(y, xW+b) + KL(target ‖ softmax(xW+b)) + wd/2‖W‖² (plain formulas)."""
+def _numpy_dml_grad(w, b, x, y, target, mask=None):
+    """Gradient of CE(y, xW+b) + KL(target ‖ softmax(xW+b)) + wd/2‖W‖² (plain formulas).
+
+    With a mask, the cross-entropy is averaged over the masked examples only and the KL
+    over all (paper Sec. 3.4).
+    """
     q = _softmax(x @ w + b)
-    dz = ((q - np.eye(NUM_CLASSES)[y]) + (q - target)) / len(y)
+    mask = np.ones(len(y)) if mask is None else mask
+    dz = (q - np.eye(NUM_CLASSES)[y]) * mask[:, None] / mask.sum() + (q - target) / len(y)
     return x.T @ dz + WEIGHT_DECAY * w, dz.sum(axis=0)
 
 
@@ -82,7 +87,7 @@ def test_step_is_traced_once_whatever_the_batch_size():
     cohort, images, labels, _ = _setup("sequential")
     for n in (6, 4, 6, 2):
         cohort.train_step(tf.constant(images[:n]), tf.constant(labels[:n], tf.int64))
-    assert cohort._train_step.experimental_get_tracing_count() == 1
+    assert cohort.trace_count == 1
 
 
 def _bn_model(name):
@@ -122,3 +127,61 @@ def test_mutual_method_needs_two_peers_and_update_is_checked():
         Cohort([model], [keras.optimizers.SGD(0.1)], methods.get("dml"))
     with pytest.raises(UserError, match="--update=sideways"):
         Cohort([model], [keras.optimizers.SGD(0.1)], methods.get("independent"), "sideways")
+
+
+def test_per_peer_views_and_label_mask_match_hand_written_sgd():
+    cohort, images, labels, params = _setup("simultaneous")
+    rng = np.random.default_rng(9)
+    other_view = rng.normal(size=images.shape).astype(np.float32)
+    mask = np.array([1, 0, 1, 1, 0, 0], np.float64)
+    x1, x2 = images.reshape(6, -1).astype(np.float64), other_view.reshape(6, -1).astype(np.float64)
+    (w1, b1), (w2, b2) = params
+    # Each peer predicts on its own view; targets are the other peer's view's predictions.
+    p1, p2 = _softmax(x1 @ w1 + b1), _softmax(x2 @ w2 + b2)
+    g_w1, g_b1 = _numpy_dml_grad(w1, b1, x1, labels, p2, mask)
+    g_w2, g_b2 = _numpy_dml_grad(w2, b2, x2, labels, p1, mask)
+    cohort.train_step((tf.constant(images), tf.constant(other_view)),
+                      tf.constant(labels, tf.int64), tf.constant(mask, tf.float32))
+    got = [[v.numpy() for v in m.trainable_variables] for m in cohort.models]
+    np.testing.assert_allclose(got[0][0], w1 - LR * g_w1, atol=1e-5)
+    np.testing.assert_allclose(got[0][1], b1 - LR * g_b1, atol=1e-5)
+    np.testing.assert_allclose(got[1][0], w2 - LR * g_w2, atol=1e-5)
+    np.testing.assert_allclose(got[1][1], b2 - LR * g_b2, atol=1e-5)
+
+
+class _FrozenFirst(methods.dml.DML):
+    frozen_peers = (0,)
+
+
+class _FeatureProbe(methods.independent.Independent):
+    uses_features = True
+    seen = None
+
+    def losses(self, logits, labels, *, label_mask=None, features=None):
+        type(self).seen = features
+        return super().losses(logits, labels, label_mask=label_mask)
+
+
+@pytest.mark.parametrize("update", ["sequential", "simultaneous"])
+def test_frozen_peer_is_never_updated(update):
+    models = [_bn_model("peer1"), _bn_model("peer2")]
+    before = [[v.numpy().copy() for v in m.variables] for m in models]
+    cohort = Cohort(models, [keras.optimizers.SGD(0.1) for _ in models], _FrozenFirst(), update)
+    images = np.random.default_rng(2).normal(size=(8, 4, 4, 2)).astype(np.float32)
+    labels = tf.constant([0, 1, 2, 0, 1, 2, 0, 1], tf.int64)
+    for _ in range(2):
+        cohort.train_step(tf.constant(images), labels)
+    for old, new in zip(before[0], models[0].variables):  # BN statistics included
+        np.testing.assert_array_equal(old, new.numpy())
+    assert any(np.abs(old - new.numpy()).max() > 0 for old, new in zip(before[1], models[1].variables))
+
+
+def test_features_reach_the_method():
+    models = [_bn_model("peer1"), _bn_model("peer2")]
+    cohort = Cohort(models, [keras.optimizers.SGD(0.0) for _ in models], _FeatureProbe(),
+                    "simultaneous")
+    images = np.random.default_rng(2).normal(size=(8, 4, 4, 2)).astype(np.float32)
+    cohort.train_step(tf.constant(images), tf.zeros([8], tf.int64))
+    assert _FeatureProbe.seen is not None and len(_FeatureProbe.seen) == 2
+    for feats in _FeatureProbe.seen:
+        assert feats.shape == (8, 3)
