@@ -184,4 +184,4 @@ def test_features_reach_the_method():
     cohort.train_step(tf.constant(images), tf.zeros([8], tf.int64))
     assert _FeatureProbe.seen is not None and len(_FeatureProbe.seen) == 2
     for feats in _FeatureProbe.seen:
-        assert feats.shape == (8, 3)
+        assert feats.shape.rank == 2 and feats.shape[-1] == 3  # symbolic inside the step
