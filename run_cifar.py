@@ -13,12 +13,14 @@ from absl import app, flags  # noqa: E402
 from dml_tf import config, train_lib  # noqa: E402
 
 config.define_flags()
-flags.DEFINE_enum("dataset", "cifar100", ["cifar10", "cifar100", "digits"],
-                  "cifar10 / cifar100 (paper Table 2) or digits (scikit-learn's bundled 8x8 "
-                  "digits upsampled to 32x32: offline, for the quickstart).")
+flags.DEFINE_enum("dataset", "cifar100", ["cifar10", "cifar100", "digits", "npz"],
+                  "cifar10 / cifar100 (paper Table 2), digits (scikit-learn's bundled 8x8 "
+                  "digits upsampled to 32x32: offline, for the quickstart) or npz (uint8 "
+                  "x_train/x_test and y_train/y_test arrays in the .npz file --data_dir).")
 flags.DEFINE_string("data_dir", None,
                     "An extracted cifar-10-batches-bin or cifar-100-binary folder (the original "
-                    "binary version, or its parent); unset: tensorflow-datasets (downloads).")
+                    "binary version, or its parent); unset: tensorflow-datasets (downloads). "
+                    "With --dataset=npz: the .npz file.")
 flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
 FLAGS = flags.FLAGS
 

@@ -4,6 +4,7 @@ The only module (with export.py) that writes to disk. Everything it writes goes 
 `config.model_dir`; a model_dir that holds a checkpoint is resumed.
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -52,6 +53,52 @@ def build_cohort(config, num_classes, input_shape, steps_per_epoch):
     method = methods.get(config.method, **dict(config.method_args))
     return cohort_lib.Cohort(models, optimizers, method, config.update,
                              weight_decay=config.weight_decay, jit_compile=config.jit_compile)
+
+
+def make_checkpoint(cohort):
+    """tf.train.Checkpoint of the cohort: `epoch`, `peer{k}` models and `optimizer{k}`."""
+    trackables = {"epoch": tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")}
+    for k, (model, opt) in enumerate(zip(cohort.models, cohort.optimizers), start=1):
+        trackables[f"peer{k}"] = model
+        trackables[f"optimizer{k}"] = opt
+    return tf.train.Checkpoint(**trackables)
+
+
+def load_config(model_dir):
+    """The Config a finished or running model_dir was trained with (its flags.json)."""
+    path = os.path.join(model_dir, "flags.json")
+    if not os.path.exists(path):
+        raise UserError(f"{model_dir} holds no flags.json; point --model_dir at a run's folder.")
+    with open(path) as f:
+        values = json.load(f)
+    fields = {f.name for f in dataclasses.fields(config_lib.Config)}
+    values = {k: v for k, v in values.items() if k in fields}
+    for key in ("nets", "net_args", "method_args"):
+        values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in values.get(key, ()))
+    return config_lib.Config(**values)
+
+
+def restore_cohort(model_dir, data=None):
+    """Rebuilds a run's cohort and data and loads its latest checkpoint (for analysis).
+
+    Args:
+      model_dir: a run's folder (flags.json and checkpoints/).
+      data: the ImageData, where the run's dataset cannot be loaded from its config.
+
+    Returns:
+      (config, cohort, data).
+    """
+    config = load_config(model_dir)
+    if data is None:
+        data = data_lib.load(config.dataset, data_dir=config.data_dir,
+                             tfds_data_dir=config.tfds_data_dir, seed=config.seed)
+    steps_per_epoch = max(1, len(data.x_train) // config.batch_size)
+    cohort = build_cohort(config, data.num_classes, data.x_train.shape[1:], steps_per_epoch)
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    if latest is None:
+        raise UserError(f"{model_dir}/checkpoints holds no checkpoint; train the run first.")
+    make_checkpoint(cohort).restore(latest).expect_partial()
+    return config, cohort, data
 
 
 def _check_model_dir(config):
@@ -130,12 +177,8 @@ def train_cohort(config, data=None):
     cohort = build_cohort(config, data.num_classes, input_shape, steps_per_epoch)
     num_peers = cohort.num_peers
 
-    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    trackables = {"epoch": epoch_var}
-    for k, (model, opt) in enumerate(zip(cohort.models, cohort.optimizers), start=1):
-        trackables[f"peer{k}"] = model
-        trackables[f"optimizer{k}"] = opt
-    checkpoint = tf.train.Checkpoint(**trackables)
+    checkpoint = make_checkpoint(cohort)
+    epoch_var = checkpoint.epoch
     manager = tf.train.CheckpointManager(checkpoint, os.path.join(config.model_dir, "checkpoints"),
                                          max_to_keep=3)
     if manager.latest_checkpoint:

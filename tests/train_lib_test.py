@@ -118,3 +118,29 @@ def test_sequential_three_peers_simultaneous(cifar_dir, tmp_path):
 def test_missing_data_dir_is_one_sentence(tmp_path):
     with pytest.raises(UserError, match="--data_dir"):
         train_lib.train_and_evaluate(_config(tmp_path / "run", tmp_path / "nowhere"))
+
+
+def test_restore_cohort_reproduces_the_trained_predictions(cifar_dir, tmp_path):
+    folder, _ = cifar_dir
+    cfg = _config(tmp_path / "run", folder, export=False, nets=("tiny", "tiny"))
+    cohort, _ = train_lib.train_cohort(cfg)
+    restored_cfg, restored, data = train_lib.restore_cohort(str(tmp_path / "run"))
+    assert restored_cfg == cfg
+    images = tf.constant(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), tf.float32)
+    for a, b in zip(cohort.predict(images), restored.predict(images)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+
+
+def test_npz_dataset(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "subset.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+             y_train=rng.integers(0, 4, 40).astype(np.uint8),
+             x_test=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
+             y_test=rng.integers(0, 4, 10).astype(np.uint8))
+    results = train_lib.train_and_evaluate(_config(tmp_path / "run", path, dataset="npz",
+                                                   export=False))
+    assert "test/ensemble/top1" in results
+    with pytest.raises(UserError, match="--data_dir"):
+        train_lib.train_and_evaluate(_config(tmp_path / "run2", tmp_path / "missing.npz",
+                                             dataset="npz", export=False))

@@ -11,7 +11,7 @@ import numpy as np
 
 from dml_tf.errors import UserError
 
-DATASETS = ("cifar10", "cifar100", "digits")
+DATASETS = ("cifar10", "cifar100", "digits", "npz")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no truth value.
@@ -84,9 +84,10 @@ def load(dataset, data_dir=None, tfds_data_dir=None, seed=0):
     """Loads an image-classification dataset into memory.
 
     Args:
-        dataset: "cifar10", "cifar100" or "digits".
-        data_dir: CIFAR only: the extracted binary-version folder (cifar-10-batches-bin /
+        dataset: "cifar10", "cifar100", "digits" or "npz".
+        data_dir: CIFAR: the extracted binary-version folder (cifar-10-batches-bin /
             cifar-100-binary) or its parent; None loads through tensorflow-datasets.
+            npz: the .npz file (see `load_npz`).
         tfds_data_dir: CIFAR only: tensorflow-datasets data dir (None: its default).
         seed: digits only: seed of the stratified train/test split.
 
@@ -104,4 +105,37 @@ def load(dataset, data_dir=None, tfds_data_dir=None, seed=0):
     if dataset == "digits":
         from dml_tf.data import digits
         return digits.load(seed=seed)
+    if dataset == "npz":
+        return load_npz(data_dir)
     raise UserError(f"--dataset={dataset!r} is not known; choose one of {', '.join(DATASETS)}.")
+
+
+def load_npz(path):
+    """Images in a NumPy .npz file: uint8 `x_train` / `x_test` [N, H, W, 3], integer `y_train` /
+    `y_test` [N] (e.g. the real CIFAR-10 subset cifar10_subset_train4000_test1000.npz).
+
+    Loaded with allow_pickle=False: an .npz from elsewhere cannot run code.
+    """
+    if not path:
+        raise UserError("--dataset=npz needs --data_dir at a .npz file with x_train, y_train, "
+                        "x_test and y_test.")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except FileNotFoundError:
+        raise UserError(f"--data_dir={path} does not exist; point it at the .npz file.") from None
+    except (KeyError, ValueError, OSError) as e:
+        raise UserError(f"{path} is not an .npz with uint8 x_train/x_test and integer "
+                        f"y_train/y_test ({e}).") from None
+    for split in ("train", "test"):
+        x = arrays[f"x_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise UserError(f"{path}: x_{split} must be uint8 [N, H, W, 3], got {x.dtype} {x.shape}.")
+    y_train = arrays["y_train"].astype(np.int64).reshape(-1)
+    y_test = arrays["y_test"].astype(np.int64).reshape(-1)
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if min(y_train.min(), y_test.min()) < 0:
+        raise UserError(f"{path}: labels must be non-negative class indices.")
+    mean, std = channel_stats(arrays["x_train"])
+    return ImageData(x_train=arrays["x_train"], y_train=y_train, x_test=arrays["x_test"],
+                     y_test=y_test, num_classes=num_classes, mean=mean, std=std, name="npz")
