@@ -21,6 +21,7 @@ from absl import logging as absl_logging  # noqa: E402
 
 from dml_tf import config as config_lib  # noqa: E402
 from dml_tf import data as data_lib  # noqa: E402
+from dml_tf import tasks  # noqa: E402
 from dml_tf import losses, train_lib  # noqa: E402
 from dml_tf.data import pipeline  # noqa: E402
 
@@ -73,7 +74,7 @@ def main(argv):
             seed=FLAGS.seed, eval_every_epochs=FLAGS.epochs, export=False,
             model_dir=os.path.join(FLAGS.out_dir, f"{method}_seed{FLAGS.seed}"))
         started = time.time()
-        cohort, results = train_lib.train_cohort(cfg, data)
+        cohort, results = train_lib.train_cohort(cfg, tasks.ClassificationTask(data))
         rows.append((method, results, train_entropy(cohort, data), time.time() - started))
     k = len(config_lib.parse_nets(FLAGS.nets))
     header = ["method"] + [f"peer{i} top1" for i in range(1, k + 1)] + ["ensemble top1"] + [

@@ -5,7 +5,6 @@ The only module (with export.py) that writes to disk. Everything it writes goes 
 """
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -19,11 +18,8 @@ import tensorflow as tf
 
 from dml_tf import cohort as cohort_lib
 from dml_tf import config as config_lib
-from dml_tf import export, methods, nets, schedules
-from dml_tf import data as data_lib
-from dml_tf.data import pipeline
+from dml_tf import export, methods, nets, schedules, tasks
 from dml_tf.errors import UserError
-from dml_tf.evaluation import classification
 
 # Config fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = ("epochs", "eval_every_epochs", "export", "steps_per_epoch", "eval_batch_size",
@@ -86,14 +82,13 @@ def restore_cohort(model_dir, data=None):
       data: the ImageData, where the run's dataset cannot be loaded from its config.
 
     Returns:
-      (config, cohort, data).
+      (config, cohort, data): data is the run's ImageData (classification runs).
     """
     config = load_config(model_dir)
-    if data is None:
-        data = data_lib.load(config.dataset, data_dir=config.data_dir,
-                             tfds_data_dir=config.tfds_data_dir, seed=config.seed)
-    steps_per_epoch = max(1, len(data.x_train) // config.batch_size)
-    cohort = build_cohort(config, data.num_classes, data.x_train.shape[1:], steps_per_epoch)
+    task = tasks.ClassificationTask(data) if data is not None else tasks.make(config)
+    data = getattr(task, "data", None)
+    steps_per_epoch = max(1, task.num_train // config.batch_size)
+    cohort = build_cohort(config, task.num_classes, task.input_shape, steps_per_epoch)
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     if latest is None:
         raise UserError(f"{model_dir}/checkpoints holds no checkpoint; train the run first.")
@@ -134,12 +129,6 @@ def _check_finite(step_metrics, num_peers, step, model_dir):
                 f"checkpoint in {model_dir} is kept: lower --learning_rate and run again to resume.")
 
 
-def evaluate(cohort, dataset):
-    """Test metrics of the cohort on `dataset` (see classification.cohort_metrics)."""
-    probs, labels = classification.collect_probabilities(cohort.predict, dataset)
-    return classification.cohort_metrics(probs, labels, prefix="test")
-
-
 def train_and_evaluate(config):
     """Trains the cohort of `config`, evaluates it, writes everything to config.model_dir.
 
@@ -149,13 +138,13 @@ def train_and_evaluate(config):
     return train_cohort(config)[1]
 
 
-def train_cohort(config, data=None):
+def train_cohort(config, task=None):
     """train_and_evaluate, also returning the trained cohort.
 
     Args:
       config: the run's Config.
-      data: an ImageData to train on instead of loading `config.dataset` (benchmarks on
-        arrays of their own).
+      task: a task (dml_tf.tasks) to train on instead of the one of `config.dataset`, e.g.
+        `tasks.ClassificationTask(image_data)` for arrays of a benchmark's own.
 
     Returns:
       (cohort, final metrics).
@@ -164,17 +153,14 @@ def train_cohort(config, data=None):
     _check_model_dir(config)
     keras.utils.set_random_seed(config.seed)
 
-    if data is None:
-        data = data_lib.load(config.dataset, data_dir=config.data_dir,
-                             tfds_data_dir=config.tfds_data_dir, seed=config.seed)
-    steps_per_epoch = len(data.x_train) // config.batch_size
+    task = task or tasks.make(config)
+    steps_per_epoch = task.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch_size={config.batch_size} is larger than the training set "
-                        f"({len(data.x_train)} images); lower it.")
+                        f"({task.num_train} images); lower it.")
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-    input_shape = data.x_train.shape[1:]
-    cohort = build_cohort(config, data.num_classes, input_shape, steps_per_epoch)
+    cohort = build_cohort(config, task.num_classes, task.input_shape, steps_per_epoch)
     num_peers = cohort.num_peers
 
     checkpoint = make_checkpoint(cohort)
@@ -189,16 +175,12 @@ def train_cohort(config, data=None):
                           json.loads(config.to_json()))
 
     writer = tf.summary.create_file_writer(config.model_dir)
-    eval_ds = pipeline.eval_dataset(data.x_test, data.y_test, data.mean, data.std,
-                                    config.eval_batch_size)
     results = {}
     start_epoch = int(epoch_var.numpy())
     started = time.time()
     for epoch in range(start_epoch, config.epochs):
         # A seed per epoch: a resumed run draws the data order its epoch would have had.
-        train_ds = pipeline.train_dataset(data.x_train, data.y_train, data.mean, data.std,
-                                          config.batch_size, seed=config.seed * 100003 + epoch,
-                                          flip=data.horizontal_flip)
+        train_ds = task.train_dataset(config.batch_size, seed=config.seed * 100003 + epoch)
         print(f"Epoch {epoch + 1}/{config.epochs}")
         progbar = keras.utils.Progbar(steps_per_epoch)
         sums = {}
@@ -217,23 +199,23 @@ def train_cohort(config, data=None):
                 tf.summary.scalar(f"lr/peer{k}", float(opt.learning_rate.numpy()))
             last = epoch + 1 == config.epochs
             if last or (epoch + 1) % config.eval_every_epochs == 0:
-                test_metrics = evaluate(cohort, eval_ds)
+                test_metrics = task.evaluate(cohort, config.eval_batch_size)
                 for key, value in test_metrics.items():
                     tf.summary.scalar(key, value)
                 print("  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()
-                                       if k.endswith("top1")))
+                                       if k.endswith(task.top1_key)))
                 results = train_metrics | test_metrics
         writer.flush()
         epoch_var.assign(epoch + 1)
         manager.save(checkpoint_number=epoch + 1)
 
     if not results:  # Resumed a finished run: nothing trained, evaluate what is there.
-        results = evaluate(cohort, eval_ds)
+        results = task.evaluate(cohort, config.eval_batch_size)
     write_json_atomically(os.path.join(config.model_dir, "results.json"), results)
     if config.export:
-        preprocess = functools.partial(pipeline.normalize, mean=data.mean, std=data.std)
-        paths = export.export_cohort(cohort, os.path.join(config.model_dir, "export"), preprocess)
-        export.check_export(paths, cohort, tf.constant(data.x_test[:8]), preprocess)
+        paths = export.export_cohort(cohort, os.path.join(config.model_dir, "export"),
+                                     task.preprocess, serving_shape=task.serving_shape)
+        export.check_export(paths, cohort, task.export_sample(), task.preprocess)
     print(f"Trained {config.epochs - start_epoch} epochs in {time.time() - started:.0f}s.")
     print(f"Results: {os.path.join(config.model_dir, 'results.json')}")
     print(f"Watch:   tensorboard --logdir {config.model_dir}")

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -97,6 +98,14 @@ def test_train_resume_export(cifar_dir, tmp_path, capsys):
             images=tf.constant(test_x))
         np.testing.assert_allclose(served["probabilities"].numpy(), probs, atol=1e-5)
         assert served["logits"].shape == (5, 10)
+    # Features: the "features" layer per peer; the ensemble's is their normalised concatenation.
+    feats = [keras.Model(m.input, m.get_layer("features").output)(inputs).numpy()
+             for m in cohort.models]
+    unit = [f / np.linalg.norm(f, axis=1, keepdims=True) for f in feats]
+    for name, expected_features in [("peer1", feats[0]), ("ensemble", np.concatenate(unit, 1))]:
+        served = tf.saved_model.load(str(model_dir / "export" / name)).signatures["serving_default"](
+            images=tf.constant(test_x))
+        np.testing.assert_allclose(served["features"].numpy(), expected_features, atol=1e-4)
 
 
 def test_model_dir_of_another_run_is_refused(cifar_dir, tmp_path):

@@ -1,0 +1,79 @@
+"""What the training loop needs from a dataset, whatever the dataset.
+
+A task knows its data and its evaluation protocol: classification (CIFAR, digits, .npz,
+ImageNet) reports top-k accuracy; re-identification (Market-1501) reports retrieval
+metrics of the "features" embedding. train_lib drives any task the same way.
+"""
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+from dml_tf import data as data_lib
+from dml_tf.data import pipeline
+from dml_tf.errors import UserError
+from dml_tf.evaluation import classification
+
+
+class ClassificationTask:
+    """Image classification on in-memory uint8 arrays (an `ImageData`).
+
+    Attributes:
+      num_classes: number of classes.
+      input_shape: (H, W, C) of the network inputs.
+      num_train: training-set size.
+      serving_shape: (H, W, C) of the uint8 images a SavedModel takes.
+    """
+
+    top1_key = "top1"
+
+    def __init__(self, data):
+        self.data = data
+        self.num_classes = data.num_classes
+        self.input_shape = tuple(data.x_train.shape[1:])
+        self.serving_shape = self.input_shape
+        self.num_train = len(data.x_train)
+
+    def train_dataset(self, batch_size, seed, views=1):
+        """Shuffled, augmented, normalised full batches of (images, labels); see pipeline."""
+        d = self.data
+        return pipeline.train_dataset(d.x_train, d.y_train, d.mean, d.std, batch_size, seed=seed,
+                                      flip=d.horizontal_flip, views=views)
+
+    def evaluate(self, cohort, batch_size):
+        """Test top-1/top-5 per peer, mean of peers and ensemble (classification.cohort_metrics)."""
+        d = self.data
+        ds = pipeline.eval_dataset(d.x_test, d.y_test, d.mean, d.std, batch_size)
+        probs, labels = classification.collect_probabilities(cohort.predict, ds)
+        return classification.cohort_metrics(probs, labels, prefix="test")
+
+    def preprocess(self, images):
+        """uint8 images -> network inputs (the pipeline's normalisation), for serving."""
+        return pipeline.normalize(images, self.data.mean, self.data.std)
+
+    def export_sample(self, n=8):
+        """A few uint8 test images to check exported SavedModels against the cohort."""
+        return tf.constant(self.data.x_test[:n])
+
+
+def classification_task(config):
+    """The ClassificationTask of config.dataset (cifar10, cifar100, digits, npz)."""
+    return ClassificationTask(data_lib.load(config.dataset, data_dir=config.data_dir,
+                                            tfds_data_dir=config.tfds_data_dir, seed=config.seed))
+
+
+_FACTORIES = {name: classification_task for name in data_lib.DATASETS}
+
+
+def register(dataset, factory):
+    """Makes `factory(config) -> task` the task of `dataset` (one line per dataset module)."""
+    _FACTORIES[dataset] = factory
+
+
+def make(config):
+    """The task of config.dataset."""
+    if config.dataset not in _FACTORIES:
+        raise UserError(f"--dataset={config.dataset} is not known; choose one of "
+                        f"{', '.join(sorted(_FACTORIES))}.")
+    return _FACTORIES[config.dataset](config)
