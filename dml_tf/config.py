@@ -13,6 +13,9 @@ from dml_tf import cohort, methods, nets, schedules
 from dml_tf.errors import UserError
 
 
+SEMI_SUPERVISED = ("none", "labelled_only", "dml_all")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run depends on; written to `model_dir/flags.json`."""
@@ -21,15 +24,26 @@ class Config:
     dataset: str = "cifar100"
     data_dir: str | None = None
     tfds_data_dir: str | None = None
+    image_size: tuple = ()  # (H, W) where the dataset resizes (Market-1501, ImageNet)
+    labelled_fraction: float = 1.0  # CIFAR semi-supervised: labelled share of each class
+    labelled_ids: int = 0  # Market-1501 semi-supervised: the first M identities labelled; 0 = all
     # Cohort and method.
     nets: tuple = ("resnet32", "resnet32")
     net_args: tuple = ()
     method: str = "dml"
     method_args: tuple = ()
     update: str = "sequential"
+    semi_supervised: str = "none"
+    per_peer_augmentation: bool = False
+    val_fraction: float = 0.1
+    init: str = "scratch"
+    init_checkpoint: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_peer: int = 1
     # Schedule (paper Sec. 4.1, CIFAR setting by default).
     epochs: int = 200
     steps_per_epoch: int | None = None
+    train_steps: int | None = None
     batch_size: int = 64
     eval_batch_size: int = 256
     optimizer: str = "sgd"
@@ -72,7 +86,26 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_enum("update", d.update, list(cohort.UPDATES),
                       "sequential: Algorithm 1, peer k+1 learns from the updated peer k; "
                       "simultaneous: all peers updated from one forward pass.", flag_values=f)
+    flags.DEFINE_enum("semi_supervised", d.semi_supervised, list(SEMI_SUPERVISED),
+                      "none: every label used; labelled_only: train on the labelled examples "
+                      "only; dml_all: cross-entropy on labelled examples, mimicry on all "
+                      "(paper Sec. 3.4). The labelled share is --labelled_fraction (CIFAR) or "
+                      "--labelled_ids (Market-1501).", flag_values=f)
+    flags.DEFINE_bool("per_peer_augmentation", d.per_peer_augmentation,
+                      "Each peer sees its own random augmentation of the same images (KDCL).",
+                      flag_values=f)
+    flags.DEFINE_float("val_fraction", d.val_fraction,
+                       "Share of the training set held out for methods that estimate on a "
+                       "validation split every epoch (kdcl_general).", flag_values=f)
+    flags.DEFINE_string("teacher_checkpoint", None,
+                        "kd: the fixed teacher (peer 1): a finished run's --model_dir or a "
+                        "checkpoint prefix in one; its --teacher_peer is restored.", flag_values=f)
+    flags.DEFINE_integer("teacher_peer", d.teacher_peer,
+                         "kd: which peer of the teacher run is the teacher (from 1).", flag_values=f)
     flags.DEFINE_integer("epochs", d.epochs, "Training epochs.", flag_values=f)
+    flags.DEFINE_integer("train_steps", None, "Budget in steps (e.g. the released Market-1501 "
+                         "code's 200k); overrides --epochs: as many epochs as it takes, the last "
+                         "one cut short.", flag_values=f)
     flags.DEFINE_integer("steps_per_epoch", None, "Cap on the steps of an epoch (quick runs); "
                          "default: one pass over the training set.", flag_values=f)
     flags.DEFINE_integer("batch_size", d.batch_size, "Mini-batch size (every peer sees the same batch).",
@@ -146,6 +179,21 @@ def parse_keyword_args(spec, flag_name):
     return tuple(pairs)
 
 
+def parse_image_size(spec):
+    """'224' -> (224, 224); '256,128' -> (256, 128) (height, width)."""
+    if isinstance(spec, (tuple, list)):
+        return tuple(int(v) for v in spec)
+    try:
+        sizes = tuple(int(v) for v in str(spec).split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 32:
+        raise UserError(f"--image_size={spec} must be 'S' or 'H,W' with sides of at least 32 pixels.")
+    return sizes
+
+
 def validate(config):
     """Raises UserError naming the flag for values no run can use."""
     positive = ("epochs", "batch_size", "eval_batch_size", "learning_rate", "eval_every_epochs")
@@ -154,6 +202,15 @@ def validate(config):
             raise UserError(f"--{name} must be positive, got {getattr(config, name)}.")
     if config.steps_per_epoch is not None and config.steps_per_epoch <= 0:
         raise UserError(f"--steps_per_epoch must be positive, got {config.steps_per_epoch}.")
+    if config.train_steps is not None and config.train_steps <= 0:
+        raise UserError(f"--train_steps must be positive, got {config.train_steps}.")
+    if not 0.0 < config.labelled_fraction <= 1.0:
+        raise UserError(f"--labelled_fraction must be in (0, 1], got {config.labelled_fraction}.")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in (0, 1), got {config.val_fraction}.")
+    if config.semi_supervised == "dml_all" and len(config.nets) < 2:
+        raise UserError("--semi_supervised=dml_all learns from unlabelled examples through the "
+                        "mimicry loss: list at least two --nets.")
     if config.weight_decay < 0:
         raise UserError(f"--weight_decay must be non-negative, got {config.weight_decay}.")
     methods.get(config.method, **dict(config.method_args)).check_cohort_size(len(config.nets))
@@ -169,4 +226,6 @@ def config_from_flags(flag_values):
     values["nets"] = parse_nets(values.get("nets", ",".join(Config.nets)))
     values["net_args"] = parse_keyword_args(values.get("net_args", ""), "net_args")
     values["method_args"] = parse_keyword_args(values.get("method_args", ""), "method_args")
+    if "image_size" in values:
+        values["image_size"] = parse_image_size(values["image_size"])
     return validate(Config(**values))

@@ -5,7 +5,7 @@ ImageNet) reports top-k accuracy; re-identification (Market-1501) reports retrie
 metrics of the "features" embedding. train_lib drives any task the same way.
 """
 
-import functools
+import dataclasses
 
 import numpy as np
 import tensorflow as tf
@@ -55,6 +55,47 @@ class ClassificationTask:
     def export_sample(self, n=8):
         """A few uint8 test images to check exported SavedModels against the cohort."""
         return tf.constant(self.data.x_test[:n])
+
+    def _with_train(self, x_train, y_train):
+        return ClassificationTask(dataclasses.replace(self.data, x_train=x_train, y_train=y_train))
+
+    def semi_supervised(self, mode, config):
+        """The task for a semi-supervised mode (paper Sec. 3.4, 4.10).
+
+        A seeded `config.labelled_fraction` of every class keeps its label. "labelled_only"
+        drops the other examples; "dml_all" keeps them with label −1 (the loop masks their
+        cross-entropy). Normalisation statistics stay those of the whole training set.
+        """
+        if mode == "none":
+            return self
+        labelled = labelled_per_class(self.data.y_train, config.labelled_fraction, config.seed)
+        if mode == "labelled_only":
+            return self._with_train(self.data.x_train[labelled], self.data.y_train[labelled])
+        return self._with_train(self.data.x_train, np.where(labelled, self.data.y_train, -1))
+
+    def split_validation(self, fraction, seed):
+        """(task on the rest, (uint8 images, labels) held out): a seeded per-class split."""
+        held_out = labelled_per_class(self.data.y_train, fraction, seed + 1)
+        d = self.data
+        return self._with_train(d.x_train[~held_out], d.y_train[~held_out]), (
+            d.x_train[held_out], d.y_train[held_out])
+
+    def predict_probabilities(self, cohort, images, labels, batch_size):
+        """Per-peer probabilities on held-out uint8 images: (list of K [N, M], labels)."""
+        d = self.data
+        ds = pipeline.eval_dataset(images, labels, d.mean, d.std, batch_size)
+        return classification.collect_probabilities(cohort.predict, ds)
+
+
+def labelled_per_class(labels, fraction, seed):
+    """Boolean mask choosing round(fraction·n_c) examples (at least 1) of every class c, seeded."""
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(len(labels), bool)
+    for c in np.unique(labels[labels >= 0]):
+        members = np.flatnonzero(labels == c)
+        count = max(1, int(round(fraction * len(members))))
+        chosen[rng.choice(members, size=count, replace=False)] = True
+    return chosen
 
 
 def classification_task(config):

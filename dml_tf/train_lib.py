@@ -69,8 +69,9 @@ def load_config(model_dir):
         values = json.load(f)
     fields = {f.name for f in dataclasses.fields(config_lib.Config)}
     values = {k: v for k, v in values.items() if k in fields}
-    for key in ("nets", "net_args", "method_args"):
-        values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in values.get(key, ()))
+    for key, value in values.items():  # JSON turned the config's tuples into lists
+        if isinstance(value, list):
+            values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
     return config_lib.Config(**values)
 
 
@@ -94,6 +95,34 @@ def restore_cohort(model_dir, data=None):
         raise UserError(f"{model_dir}/checkpoints holds no checkpoint; train the run first.")
     make_checkpoint(cohort).restore(latest).expect_partial()
     return config, cohort, data
+
+
+def load_teacher(model, config):
+    """Restores kd's fixed teacher (peer 1) from --teacher_checkpoint.
+
+    Accepts a finished run's model_dir (its latest checkpoint) or a checkpoint prefix; the
+    run's peer `config.teacher_peer` must have the same architecture and class count.
+    """
+    path = config.teacher_checkpoint
+    if not path:
+        raise UserError(f"--method={config.method} distils from a fixed teacher: pass "
+                        "--teacher_checkpoint at the teacher run's --model_dir.")
+    prefix = path
+    if os.path.isdir(path):
+        prefix = tf.train.latest_checkpoint(os.path.join(path, "checkpoints")) or \
+            tf.train.latest_checkpoint(path)
+    if not prefix or not tf.io.gfile.glob(prefix + ".index"):
+        raise UserError(f"--teacher_checkpoint={path} holds no checkpoint; point it at a "
+                        "finished run's --model_dir.")
+    try:
+        status = tf.train.Checkpoint(**{f"peer{config.teacher_peer}": model}).restore(prefix)
+        status.expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+        raise UserError(
+            f"--teacher_checkpoint={path} does not hold a peer{config.teacher_peer} shaped like "
+            f"--nets' first network ({config.nets[0]}) with this dataset's classes: "
+            f"{str(e).splitlines()[0][:200]}") from None
+    print(f"Teacher (peer 1) restored from {prefix}, peer{config.teacher_peer}.")
 
 
 def _check_model_dir(config):
@@ -153,15 +182,23 @@ def train_cohort(config, task=None):
     _check_model_dir(config)
     keras.utils.set_random_seed(config.seed)
 
-    task = task or tasks.make(config)
+    task = (task or tasks.make(config)).semi_supervised(config.semi_supervised, config)
+    method = methods.get(config.method, **dict(config.method_args))
+    held_out = None
+    if getattr(method, "needs_validation", False):
+        task, held_out = task.split_validation(config.val_fraction, config.seed)
     steps_per_epoch = task.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch_size={config.batch_size} is larger than the training set "
                         f"({task.num_train} images); lower it.")
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+    epochs = config.epochs
+    if config.train_steps:
+        epochs = math.ceil(config.train_steps / steps_per_epoch)
     cohort = build_cohort(config, task.num_classes, task.input_shape, steps_per_epoch)
     num_peers = cohort.num_peers
+    views = num_peers if config.per_peer_augmentation else 1
 
     checkpoint = make_checkpoint(cohort)
     epoch_var = checkpoint.epoch
@@ -171,6 +208,8 @@ def train_cohort(config, task=None):
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         print(f"Resumed from {manager.latest_checkpoint} (epoch {int(epoch_var.numpy())}, "
               f"step {int(cohort.optimizers[0].iterations.numpy())}).")
+    elif getattr(cohort.method, "needs_teacher", False):
+        load_teacher(cohort.models[0], config)
     write_json_atomically(os.path.join(config.model_dir, "flags.json"),
                           json.loads(config.to_json()))
 
@@ -178,26 +217,41 @@ def train_cohort(config, task=None):
     results = {}
     start_epoch = int(epoch_var.numpy())
     started = time.time()
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, epochs):
         # A seed per epoch: a resumed run draws the data order its epoch would have had.
-        train_ds = task.train_dataset(config.batch_size, seed=config.seed * 100003 + epoch)
-        print(f"Epoch {epoch + 1}/{config.epochs}")
-        progbar = keras.utils.Progbar(steps_per_epoch)
+        train_ds = task.train_dataset(config.batch_size, seed=config.seed * 100003 + epoch,
+                                      views=views)
+        steps = steps_per_epoch
+        if config.train_steps:
+            steps = min(steps, config.train_steps - epoch * steps_per_epoch)
+        method_summaries = {}
+        if held_out is not None:
+            probs, labels = task.predict_probabilities(cohort, *held_out, config.eval_batch_size)
+            cohort.method.update_weights(probs, labels)
+            method_summaries = cohort.method.summaries()
+        print(f"Epoch {epoch + 1}/{epochs}")
+        progbar = keras.utils.Progbar(steps)
         sums = {}
-        for step, (images, labels) in enumerate(train_ds.take(steps_per_epoch), start=1):
-            step_metrics = {k: float(v) for k, v in cohort.train_step(images, labels).items()}
+        for step, (images, labels) in enumerate(train_ds.take(steps), start=1):
+            if config.semi_supervised == "dml_all":
+                # Unlabelled examples carry label −1: no cross-entropy, mimicry only.
+                mask = tf.cast(labels >= 0, tf.float32)
+                outputs = cohort.train_step(images, tf.maximum(labels, 0), mask)
+            else:
+                outputs = cohort.train_step(images, labels)
+            step_metrics = {k: float(v) for k, v in outputs.items()}
             global_step = int(cohort.optimizers[0].iterations.numpy())
             _check_finite(step_metrics, num_peers, global_step, config.model_dir)
             for key, value in step_metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
             progbar.update(step, _progress_values(step_metrics, num_peers))
-        train_metrics = {f"train/{k}": v / steps_per_epoch for k, v in sums.items()}
+        train_metrics = {f"train/{k}": v / steps for k, v in sums.items()}
         with writer.as_default(step=global_step):
-            for key, value in train_metrics.items():
+            for key, value in (train_metrics | method_summaries).items():
                 tf.summary.scalar(key, value)
             for k, opt in enumerate(cohort.optimizers, start=1):
                 tf.summary.scalar(f"lr/peer{k}", float(opt.learning_rate.numpy()))
-            last = epoch + 1 == config.epochs
+            last = epoch + 1 == epochs
             if last or (epoch + 1) % config.eval_every_epochs == 0:
                 test_metrics = task.evaluate(cohort, config.eval_batch_size)
                 for key, value in test_metrics.items():
@@ -216,7 +270,7 @@ def train_cohort(config, task=None):
         paths = export.export_cohort(cohort, os.path.join(config.model_dir, "export"),
                                      task.preprocess, serving_shape=task.serving_shape)
         export.check_export(paths, cohort, task.export_sample(), task.preprocess)
-    print(f"Trained {config.epochs - start_epoch} epochs in {time.time() - started:.0f}s.")
+    print(f"Trained {max(0, epochs - start_epoch)} epochs in {time.time() - started:.0f}s.")
     print(f"Results: {os.path.join(config.model_dir, 'results.json')}")
     print(f"Watch:   tensorboard --logdir {config.model_dir}")
     return cohort, results

@@ -153,3 +153,38 @@ def test_npz_dataset(tmp_path):
     with pytest.raises(UserError, match="--data_dir"):
         train_lib.train_and_evaluate(_config(tmp_path / "run2", tmp_path / "missing.npz",
                                              dataset="npz", export=False))
+
+
+def test_labelled_per_class_takes_a_seeded_share_of_every_class():
+    from dml_tf.tasks import labelled_per_class
+    labels = np.repeat(np.arange(4), [10, 20, 30, 40])
+    mask = labelled_per_class(labels, 0.1, seed=3)
+    assert [int(mask[labels == c].sum()) for c in range(4)] == [1, 2, 3, 4]
+    np.testing.assert_array_equal(mask, labelled_per_class(labels, 0.1, seed=3))
+    assert not np.array_equal(mask, labelled_per_class(labels, 0.1, seed=4))
+    assert labelled_per_class(labels, 1.0, seed=0).all()
+
+
+def test_semi_supervised_tasks(cifar_dir):
+    from dml_tf import tasks
+    folder, _ = cifar_dir
+    cfg = _config("unused", folder, labelled_fraction=0.25)
+    task = tasks.make(cfg)
+    only = task.semi_supervised("labelled_only", cfg)
+    everything = task.semi_supervised("dml_all", cfg)
+    labelled = everything.data.y_train >= 0
+    assert everything.num_train == task.num_train == 80
+    # Exactly the labelled examples keep their labels; labelled_only keeps just those.
+    np.testing.assert_array_equal(everything.data.y_train[labelled], task.data.y_train[labelled])
+    np.testing.assert_array_equal(only.data.x_train, task.data.x_train[labelled])
+    assert only.num_train == labelled.sum()
+
+
+def test_budget_in_steps_views_and_semi_supervised_run(cifar_dir, tmp_path):
+    folder, _ = cifar_dir
+    cfg = _config(tmp_path / "run", folder, export=False, epochs=50, train_steps=3,
+                  per_peer_augmentation=True, semi_supervised="dml_all", labelled_fraction=0.5)
+    cohort, results = train_lib.train_cohort(cfg)
+    assert int(cohort.optimizers[0].iterations.numpy()) == 3  # 2 + 1: the last epoch cut short
+    assert cohort.trace_count == 1
+    assert "test/peer2/top1" in results
