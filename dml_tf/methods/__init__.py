@@ -4,12 +4,16 @@ import inspect
 
 from dml_tf.errors import UserError
 from dml_tf.methods import dml, dml_e, dml_js, independent
+from dml_tf.methods import dml_l2, entropy_reg, kd
 
 _REGISTRY = {
     "independent": independent.Independent,
     "dml": dml.DML,
     "dml_js": dml_js.DMLJensenShannon,
     "dml_e": dml_e.DMLEnsemble,
+    "kd": kd.Distillation,
+    "entropy_reg": entropy_reg.EntropyRegularised,
+    "dml_l2": dml_l2.DMLFeatureL2,
 }
 
 NAMES = tuple(_REGISTRY)
