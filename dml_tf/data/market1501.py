@@ -1,0 +1,299 @@
+"""Market-1501 person re-identification: the on-disk layout, file names, tf.data pipelines.
+
+Layout of the extracted `Market-1501-v15.09.15` archive (Zheng et al., ICCV 2015), as read
+here:
+  bounding_box_train/  training: 12,936 images of 751 identities
+  bounding_box_test/   gallery: 19,732 images of the 750 test identities, plus distractors
+                       (identity 0000) and junk (identity -1)
+  query/               3,368 hand-drawn boxes of the test identities
+  gt_bbox/             hand-drawn boxes of every identity: the multi-query images
+  gt_query/            the MATLAB evaluation's index files; not read, since the protocol
+                       follows from the file names (dml_tf.evaluation.reid)
+Folders hold `.jpg` files and, as shipped, a Windows `Thumbs.db`; files that do not end in
+`.jpg` are ignored. An image's name carries its labels: `0002_c1s1_000451_03.jpg` is
+identity 0002, camera 1, sequence 1, frame 000451, box 03.
+
+Pipelines follow the authors' released code: decode the JPEG, resize (bilinear) to
+224x224, flip horizontally at random for training, scale to [-1, 1]. `preprocess` is the
+resize-and-scale step alone, for serving signatures, so that both see the same inputs.
+The released TF1 code resized with the legacy corner alignment; TF2's `tf.image.resize`
+samples at pixel centres, a sub-pixel difference.
+"""
+
+import os
+import re
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from dml_tf.errors import UserError
+
+AUTOTUNE = tf.data.AUTOTUNE
+DATASET_FOLDER = "Market-1501-v15.09.15"
+IMAGE_SIZE = (224, 224)  # released code: Market's 128x64 boxes resized to 224x224
+JUNK = -1
+DISTRACTOR = 0
+# Split name -> folder. "multiquery" is optional: scan leaves it out if gt_bbox is absent.
+SPLITS = {
+    "train": "bounding_box_train",
+    "query": "query",
+    "gallery": "bounding_box_test",
+    "multiquery": "gt_bbox",
+}
+OPTIONAL_SPLITS = ("multiquery",)
+
+_NAME = re.compile(r"^(-1|\d{4})_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$")
+_WHERE = (f"point --data_dir at the extracted {DATASET_FOLDER} folder (or the folder that "
+          f"contains it)")
+
+
+class Split(NamedTuple):
+    """The images of one split, sorted by file name.
+
+    Attributes:
+        paths: str [N] array of file paths.
+        pids: int64 [N] identities (-1 junk, 0 distractor, otherwise the 4-digit id).
+        camids: int64 [N] cameras (1..6 in Market-1501).
+    """
+
+    paths: np.ndarray
+    pids: np.ndarray
+    camids: np.ndarray
+
+
+def parse_filename(name):
+    """Identity and camera of a Market-1501 image from its file name.
+
+    Args:
+        name: a file name such as `0002_c1s1_000451_03.jpg`, or a path to one (only the
+            base name is read).
+
+    Returns:
+        (pid, camid) as ints: `0002_c1s1_000451_03.jpg` -> (2, 1); junk `-1_...` -> -1;
+        distractors `0000_...` -> 0.
+
+    Raises:
+        UserError: the name is not of that form; the message names the file.
+    """
+    match = _NAME.match(os.path.basename(os.fspath(name)))
+    if not match:
+        raise UserError(f"{os.fspath(name)} is not a Market-1501 image name like "
+                        f"0002_c1s1_000451_03.jpg (identity_cCAMERAsSEQUENCE_FRAME_BOX.jpg); "
+                        f"remove or rename it.")
+    return int(match.group(1)), int(match.group(2))
+
+
+def find_root(root):
+    """The folder holding the split folders: `root` itself or its `Market-1501-v15.09.15`.
+
+    Raises:
+        UserError: `root` is not a folder.
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not a folder; {_WHERE}.")
+    nested = os.path.join(root, DATASET_FOLDER)
+    if not os.path.isdir(os.path.join(root, SPLITS["train"])) and os.path.isdir(nested):
+        return nested
+    return root
+
+
+def _scan_folder(folder):
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} is missing; {_WHERE}.")
+    with os.scandir(folder) as entries:
+        paths = sorted(e.path for e in entries if e.name.endswith(".jpg") and e.is_file())
+    if not paths:
+        raise UserError(f"{folder} has no .jpg images; re-extract the Market-1501 archive there.")
+    labels = np.array([parse_filename(p) for p in paths], dtype=np.int64).reshape(-1, 2)
+    return Split(np.array(paths), labels[:, 0], labels[:, 1])
+
+
+def scan(root):
+    """Lists the images of every split with their identities and cameras.
+
+    Args:
+        root: the extracted `Market-1501-v15.09.15` folder, or the folder containing it.
+
+    Returns:
+        A dict split name -> `Split(paths, pids, camids)`, paths sorted by name, for
+        "train" (bounding_box_train), "query" (query), "gallery" (bounding_box_test) and,
+        when the gt_bbox folder exists, "multiquery" (gt_bbox).
+
+    Raises:
+        UserError: `root` or a required split folder is missing, a split has no images, a
+            `.jpg` file is not named like a Market-1501 image, or bounding_box_train holds
+            junk or distractor images; each message names the path.
+    """
+    root = find_root(root)
+    splits = {}
+    for split, folder in SPLITS.items():
+        path = os.path.join(root, folder)
+        if split in OPTIONAL_SPLITS and not os.path.exists(path):
+            continue
+        splits[split] = _scan_folder(path)
+    train = splits["train"]
+    bad = np.flatnonzero(train.pids <= DISTRACTOR)
+    if bad.size:
+        raise UserError(f"{train.paths[bad[0]]} is a junk (-1) or distractor (0000) image, which "
+                        f"bounding_box_train must not contain; remove it.")
+    return splits
+
+
+def relabel(pids):
+    """Maps training identities to consecutive class labels.
+
+    Args:
+        pids: int [N] identities, all positive (Market-1501's 751 training identities).
+
+    Returns:
+        (labels, identities): int64 [N] labels in 0..n-1 and the int64 [n] sorted unique
+        identities, so that `identities[labels] == pids`.
+
+    Raises:
+        UserError: a junk (-1) or distractor (0) identity is among `pids`.
+    """
+    pids = np.asarray(pids, dtype=np.int64).reshape(-1)
+    if (pids <= DISTRACTOR).any():
+        raise UserError(f"training identities must be positive, but identity "
+                        f"{int(pids[pids <= DISTRACTOR][0])} (junk -1 or distractor 0) is among "
+                        f"them; train on bounding_box_train only.")
+    identities, labels = np.unique(pids, return_inverse=True)
+    return labels.reshape(-1).astype(np.int64), identities
+
+
+def preprocess(images, image_size=IMAGE_SIZE):
+    """Resizes (bilinear) and scales pixel values from [0, 255] to [-1, 1].
+
+    The same function serves the training and evaluation pipelines and the exported
+    serving signature, so a model sees identically prepared pixels everywhere.
+
+    Args:
+        images: [H, W, 3] or [B, H, W, 3] tensor in pixel units (typically uint8).
+        image_size: (height, width) of the output.
+
+    Returns:
+        float32 tensor [..., height, width, 3] in [-1, 1].
+    """
+    images = tf.image.resize(images, image_size, method="bilinear")  # float32, 0..255
+    return images / 127.5 - 1.0
+
+
+def decode(path):
+    """Reads one JPEG file into a uint8 [H, W, 3] tensor.
+
+    A file that is not a JPEG at all (empty, truncated to nothing, an HTML error page)
+    fails with an error that names the path; a JPEG damaged inside fails in
+    `tf.io.decode_jpeg` with TensorFlow's own message, which does not: run `check_images`
+    to find such a file.
+    """
+    contents = tf.io.read_file(path)
+    # Explicit: inside tf.data's graph functions a bare Assert need not run before decoding.
+    with tf.control_dependencies(
+            [tf.debugging.Assert(tf.image.is_jpeg(contents), ["Not a JPEG image:", path])]):
+        return tf.io.decode_jpeg(contents, channels=3)
+
+
+def _check_batch(n, batch_size, flag):
+    if n == 0:
+        raise ValueError("no images to read.")
+    if batch_size < 1:
+        raise UserError(f"{flag}={batch_size} must be at least 1.")
+
+
+def train_dataset(paths, labels, batch_size, seed, image_size=IMAGE_SIZE, flip=True):
+    """The training pipeline: whole-set shuffle, decode, resize, random flip, [-1, 1].
+
+    The shuffle and the flips are seeded: the same seed gives the same batches, and each
+    epoch (each new iterator) draws a new order and new flips.
+
+    Args:
+        paths: str [N] image paths (e.g. `scan(root)["train"].paths`).
+        labels: int [N] class labels (e.g. from `relabel`).
+        batch_size: images per batch; the last partial batch is dropped, so every batch has
+            the static shape [batch_size, height, width, 3] and a train step compiles once.
+        seed: int seed of the shuffle and the flips.
+        image_size: (height, width) the images are resized to.
+        flip: whether to mirror each image horizontally with probability 1/2.
+
+    Returns:
+        A `tf.data.Dataset` of (float32 [B, height, width, 3] in [-1, 1], int64 [B]).
+
+    Raises:
+        UserError: the batch size is not positive or exceeds the number of images.
+    """
+    paths = np.asarray(paths, dtype=str)
+    labels = np.asarray(labels, dtype=np.int64)
+    if paths.shape != labels.shape or paths.ndim != 1:
+        raise ValueError(f"need one label per path, got {paths.shape} paths and "
+                         f"{labels.shape} labels.")
+    _check_batch(len(paths), batch_size, "--batch_size")
+    if batch_size > len(paths):
+        raise UserError(f"--batch_size={batch_size} is larger than the {len(paths)} training "
+                        f"images, so an epoch would have no full batch; lower --batch_size.")
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    # Shuffling names, not pixels, keeps the whole-set shuffle buffer small.
+    ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    # One [2] int64 stateless seed per image, a new deterministic stream each epoch.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+    def load(example, flip_seed):
+        path, label = example
+        image = decode(path)
+        if flip:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return preprocess(image, image_size), label
+
+    ds = tf.data.Dataset.zip((ds, seeds)).map(load, num_parallel_calls=AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def eval_dataset(paths, batch_size, image_size=IMAGE_SIZE, with_index=False):
+    """The evaluation pipeline: decode, resize, [-1, 1], in order, every image once.
+
+    Args:
+        paths: str [N] image paths (e.g. `scan(root)["query"].paths`).
+        batch_size: images per batch; the last batch keeps the remainder.
+        image_size: (height, width) the images are resized to.
+        with_index: also yield each image's int64 position in `paths`.
+
+    Returns:
+        A `tf.data.Dataset` of float32 [B, height, width, 3] batches in [-1, 1], or of
+        (images, int64 [B] indices) with `with_index`.
+    """
+    paths = np.asarray(paths, dtype=str).reshape(-1)
+    _check_batch(len(paths), batch_size, "--eval_batch_size")
+    ds = tf.data.Dataset.from_tensor_slices((paths, np.arange(len(paths), dtype=np.int64)))
+
+    def load(path, index):
+        image = preprocess(decode(path), image_size)
+        return (image, index) if with_index else image
+
+    ds = ds.map(load, num_parallel_calls=AUTOTUNE).batch(batch_size)
+    return ds.prefetch(AUTOTUNE)
+
+
+def check_images(paths):
+    """Decodes every image once and names the first that cannot be read.
+
+    A validation pass for a data check (about a millisecond per Market image), not for
+    every run: the pipelines fail on such a file too, but TensorFlow's message for a
+    damaged JPEG does not say which file it was.
+
+    Args:
+        paths: image paths.
+
+    Raises:
+        UserError: a file is missing, is not a JPEG, or does not decode.
+    """
+    for path in np.asarray(paths, dtype=str).reshape(-1):
+        try:
+            contents = tf.io.read_file(path)
+            if not bool(tf.image.is_jpeg(contents)):
+                raise UserError(f"{path} is not a JPEG image; re-extract the Market-1501 "
+                                f"archive.")
+            tf.io.decode_jpeg(contents, channels=3)
+        except tf.errors.OpError as e:
+            raise UserError(f"{path} cannot be read as a JPEG image ({e.message.strip()}); "
+                            f"re-extract the Market-1501 archive.") from None
