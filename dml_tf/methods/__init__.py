@@ -5,6 +5,7 @@ import inspect
 from dml_tf.errors import UserError
 from dml_tf.methods import dml, dml_e, dml_js, independent
 from dml_tf.methods import dml_l2, entropy_reg, kd
+from dml_tf.methods import kdcl
 
 _REGISTRY = {
     "independent": independent.Independent,
@@ -14,6 +15,10 @@ _REGISTRY = {
     "kd": kd.Distillation,
     "entropy_reg": entropy_reg.EntropyRegularised,
     "dml_l2": dml_l2.DMLFeatureL2,
+    "kdcl_naive": kdcl.KDCLNaive,
+    "kdcl_linear": kdcl.KDCLLinear,
+    "kdcl_minlogit": kdcl.KDCLMinLogit,
+    "kdcl_general": kdcl.KDCLGeneral,
 }
 
 NAMES = tuple(_REGISTRY)
