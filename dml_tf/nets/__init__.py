@@ -11,6 +11,7 @@ import inspect
 
 from dml_tf.errors import UserError
 from dml_tf.nets import inception_v1, mobilenet, resnet_cifar, tiny, wide_resnet
+from dml_tf.nets import mobilenet_v2, resnet_imagenet
 
 _BUILDERS = {
     "resnet32": resnet_cifar.resnet32,
@@ -18,6 +19,10 @@ _BUILDERS = {
     "inception_v1": inception_v1.inception_v1,
     "wrn28_10": wide_resnet.wrn28_10,
     "tiny": tiny.tiny,
+    "resnet18": resnet_imagenet.resnet18,
+    "resnet50": resnet_imagenet.resnet50,
+    "mobilenet_v2": mobilenet_v2.mobilenet_v2,
+    "mobilenet_v2_050": mobilenet_v2.mobilenet_v2_050,
 }
 NAMES = tuple(_BUILDERS)
 _MIN_SIDE = 8
