@@ -298,6 +298,8 @@ def test_registry_hyperparameters():
         methods.get("kdcl_minlogit", temperature=0)
     with pytest.raises(UserError, match="weight"):
         methods.get("kdcl_minlogit", weight=-1)
+    with pytest.raises(UserError, match="temperature must be a positive number, got 'hot'"):
+        methods.get("kdcl_linear", temperature="hot")
     with pytest.raises(UserError, match="at least 2"):
         methods.get("kdcl_naive").losses([tf.zeros([2, 3])], tf.constant([0, 1]))
 

@@ -67,6 +67,17 @@ def _per_peer_ce(stacked, onehot, weights):
     return tf.linalg.matvec(per_example, weights)
 
 
+def _number(value, name, what, valid):
+    """float(value) if it is finite and valid, else a UserError naming the hyperparameter."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not np.isfinite(number) or not valid(number):
+        raise UserError(f"--method_args {name} must be {what}, got {value!r}.")
+    return number
+
+
 class _KDCL(base.Method):
     """Shared loss of the KDCL methods; subclasses build the teacher logits."""
 
@@ -79,12 +90,8 @@ class _KDCL(base.Method):
           label_smoothing: ε of the peers' cross-entropy targets.
         """
         super().__init__(label_smoothing=label_smoothing)
-        if not (np.isfinite(temperature) and temperature > 0):
-            raise UserError(f"--method_args temperature must be a positive number, got {temperature}.")
-        if not (np.isfinite(weight) and weight >= 0):
-            raise UserError(f"--method_args weight must be a number >= 0, got {weight}.")
-        self.temperature = float(temperature)
-        self.weight = float(weight)
+        self.temperature = _number(temperature, "temperature", "a positive number", lambda v: v > 0)
+        self.weight = _number(weight, "weight", "a number >= 0", lambda v: v >= 0)
 
     def teacher(self, logits, labels, *, label_mask=None):
         """Teacher logits z_t [B, M] from the peers' logits (already constants)."""
