@@ -66,6 +66,7 @@ class Cohort:
                 optimizer.build(model.trainable_variables)
         self._image_spec = tf.TensorSpec([None, *models[0].input_shape[1:]], tf.float32)
         self._compiled = {}
+        self._predict_features = None
         self._predict_logits = tf.function(self._logits, input_signature=[self._image_spec],
                                            jit_compile=jit_compile or None)
 
@@ -121,6 +122,15 @@ class Cohort:
     def predict_logits(self, images):
         """Per-peer logits (inference mode), a list of K [B, M] tensors."""
         return self._predict_logits(images)
+
+    def predict_features(self, images):
+        """Per-peer "features" (last pooling layer, inference mode), a list of K [B, D] tensors."""
+        if self._predict_features is None:
+            embedders = [keras.Model(m.input, m.get_layer("features").output) for m in self.models]
+            self._predict_features = tf.function(
+                lambda x: [tf.cast(e(x, training=False), tf.float32) for e in embedders],
+                input_signature=[self._image_spec], jit_compile=self.jit_compile or None)
+        return self._predict_features(images)
 
     # The step bodies below run inside tf.function.
 

@@ -27,6 +27,7 @@ class Config:
     image_size: tuple = ()  # (H, W) where the dataset resizes (Market-1501, ImageNet)
     labelled_fraction: float = 1.0  # CIFAR semi-supervised: labelled share of each class
     labelled_ids: int = 0  # Market-1501 semi-supervised: the first M identities labelled; 0 = all
+    multiquery_pooling: str = "mean"  # Market-1501 multi-query: pooling of gt_bbox features
     # Cohort and method.
     nets: tuple = ("resnet32", "resnet32")
     net_args: tuple = ()
@@ -217,9 +218,12 @@ def validate(config):
     return config
 
 
-def config_from_flags(flag_values):
-    """Builds the validated Config from parsed flags (every Config field that is a flag)."""
-    values = {}
+def config_from_flags(flag_values, **fixed):
+    """Builds the validated Config from parsed flags (every Config field that is a flag).
+
+    `fixed` sets fields a run script does not expose as flags (e.g. dataset="market1501").
+    """
+    values = dict(fixed)
     for field in dataclasses.fields(Config):
         if field.name in flag_values:
             values[field.name] = flag_values[field.name].value

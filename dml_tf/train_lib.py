@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from dml_tf import cohort as cohort_lib
 from dml_tf import config as config_lib
-from dml_tf import export, methods, nets, schedules, tasks
+from dml_tf import export, methods, nets, reid_task, schedules, tasks  # noqa: F401 (reid_task registers market1501)
 from dml_tf.errors import UserError
 
 # Config fields that may change between a run and its resumption.
@@ -37,7 +37,12 @@ def write_json_atomically(path, obj):
 
 def build_cohort(config, num_classes, input_shape, steps_per_epoch):
     """The K peers (named peer1..peerK), their optimisers and the method, as configured."""
-    models = [nets.build(name, num_classes, input_shape, name=f"peer{k}", **dict(config.net_args))
+    net_args = dict(config.net_args)
+    if config.init == "imagenet":
+        net_args["weights"] = "imagenet"  # Keras' ImageNet weights (needs network once)
+    elif config.init_checkpoint:
+        net_args["weights"] = config.init_checkpoint  # a local Keras weights file
+    models = [nets.build(name, num_classes, input_shape, name=f"peer{k}", **net_args)
               for k, name in enumerate(config.nets, start=1)]
     lr = schedules.learning_rate(config.learning_rate, decay_rate=config.lr_decay_rate,
                                  decay_epochs=config.lr_decay_epochs,

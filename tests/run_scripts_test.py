@@ -1,4 +1,4 @@
-"""run_cifar.py: every flagfile parses into a valid config; user errors exit 2 in one sentence."""
+"""Run scripts: every flagfile parses into a valid config; user errors exit 2 in one sentence."""
 
 import glob
 import os
@@ -8,26 +8,25 @@ import sys
 import pytest
 from absl import flags
 
-import run_cifar  # noqa: F401  (defines the flags)
-from dml_tf import config as config_lib
+import run_cifar
+import run_market
 from dml_tf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = flags.FLAGS
 FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "**", "*.flags"), recursive=True))
 
 
-def _parse(*args):
-    FLAGS.unparse_flags()
-    FLAGS(["run_cifar.py", *args])
-    return config_lib.config_from_flags(FLAGS)
+def _parse(*args, script=run_cifar):
+    """Parses args into fresh FlagValues with the script's flags; returns the script's config."""
+    flag_values = flags.FlagValues()
+    script.define_flags(flag_values)
+    flag_values([f"{script.__name__}.py", *args])
+    return script.make_config(flag_values)
 
 
 @pytest.fixture(autouse=True)
 def _from_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # flagfiles include flags/cifar_paper.flags relative to the root
-    yield
-    FLAGS.unparse_flags()
+    monkeypatch.chdir(ROOT)  # flagfiles include shared flagfiles relative to the root
 
 
 def test_there_is_a_flagfile_per_table2_cell():
@@ -43,9 +42,17 @@ def test_there_is_a_flagfile_per_table2_cell():
 
 @pytest.mark.parametrize("path", FLAGFILES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_flagfile_parses(path):
-    cfg = _parse(f"--flagfile={os.path.relpath(path, ROOT)}")
-    assert len(cfg.nets) >= 2
-    if "/cifar" in path and "cifar_paper" not in path:
+    script = run_market if "/market1501/" in path else run_cifar
+    cfg = _parse(f"--flagfile={os.path.relpath(path, ROOT)}", script=script)
+    assert len(cfg.nets) >= 1
+    if "/market1501/" in path:
+        # The released code's setting (METHODS.md).
+        assert cfg.dataset == "market1501" and cfg.optimizer == "adam"
+        assert (cfg.learning_rate, cfg.adam_beta1, cfg.adam_beta2, cfg.epsilon) == (2e-4, 0.5, 0.999, 1e-8)
+        assert (cfg.batch_size, cfg.weight_decay) == (16, 4e-5)
+        assert dict(cfg.method_args)["label_smoothing"] == 0.1
+        assert set(cfg.nets) == {"mobilenet"} and cfg.image_size == (224, 224)
+    elif "/cifar" in path and "cifar_paper" not in path:
         dataset, name = os.path.relpath(path, os.path.join(ROOT, "flags")).split("/")
         method, rest = name[:-len(".flags")].split("_", 1)
         assert cfg.dataset == dataset and cfg.method == method
