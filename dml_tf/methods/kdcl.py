@@ -270,12 +270,12 @@ class KDCLGeneral(_KDCL):
     constrained to be non-negative, as in the closed form.
 
     The weights live in the non-trainable tf.Variable `teacher_weights` (uniform 1/K
-    until the first `update_weights`), which `losses` reads inside the compiled step;
-    add it to a checkpoint to resume with the latest estimate.
+    until the first `update_weights`), which `losses` reads inside the compiled step, so
+    new weights take effect without retracing.
 
-    Training-loop protocol: `needs_validation` asks for a held-out split; at the end of
-    every epoch call `update_weights(peer_probs, labels)` with the peers' held-out
-    probabilities and log `summaries()`.
+    Training-loop protocol: `needs_validation` asks for a held-out split; once per
+    epoch call `update_weights(peer_probs, labels)` with the peers' held-out
+    probabilities (inference mode) and log `summaries()`.
     """
 
     name = "kdcl_general"
