@@ -1,0 +1,208 @@
+"""The Sec. 4.8 analysis against hand-computed values, and its command line on a trained run."""
+
+import dataclasses
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from dml_tf import analysis, train_lib
+from dml_tf import config as config_lib
+from dml_tf.data import ImageData
+
+PNG = b"\x89PNG\r\n\x1a\n"
+MEAN, STD = (10.0, 20.0, 30.0), (2.0, 4.0, 5.0)
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _dense_model(num_classes=7, seed=0):
+    """images [2, 2, 3] -> flatten -> Dense with set weights: logits known in numpy."""
+    inputs = keras.Input((2, 2, 3))
+    features = keras.layers.Flatten(name="features")(inputs)
+    logits = keras.layers.Dense(num_classes, name="logits")(features)
+    model = keras.Model(inputs, logits)
+    rng = np.random.default_rng(seed)
+    w, b = rng.normal(size=(12, num_classes)), rng.normal(size=num_classes)
+    model.get_layer("logits").set_weights([w.astype(np.float32), b.astype(np.float32)])
+    return model, w, b
+
+
+def _images(n, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 2, 2, 3), dtype=np.uint8), rng.integers(0, 7, n)
+
+
+def _numpy_logits(images, w, b):
+    x = (images.astype(np.float64) - np.array(MEAN)) / np.array(STD)
+    return x.reshape(len(images), -1) @ w + b
+
+
+def test_entropy_and_top5_mass_of_known_posteriors():
+    probs = np.array([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05],
+                      [0.05, 0.05, 0.1, 0.1, 0.2, 0.5]])
+    logits = np.log(probs) + 3.0  # A shift changes no posterior.
+    entropy = -np.sum(probs[0] * np.log(probs[0]))
+    assert analysis.mean_entropy(logits) == pytest.approx(entropy, rel=1e-12)
+    np.testing.assert_allclose(analysis.top_k_mass(logits), [0.5, 0.2, 0.1, 0.1, 0.05], rtol=1e-12)
+    # Three classes: ranks 1..3 of [.625, .25, .125] and [.5, .25, .25].
+    np.testing.assert_allclose(analysis.top_k_mass(logits[:, :3], k=5), [0.5625, 0.25, 0.1875])
+    assert analysis.cross_entropy(logits, np.array([0, 5])) == pytest.approx(-np.log(0.5))
+    assert analysis.accuracy(logits, np.array([0, 0])) == 0.5
+    # Uniform posteriors: the largest entropy, log M.
+    assert analysis.mean_entropy(np.zeros((3, 10))) == pytest.approx(np.log(10))
+
+
+def test_model_quantities_match_numpy():
+    model, w, b = _dense_model()
+    images, labels = _images(37)
+    (logits,) = analysis.predict_logits([model], images, MEAN, STD, batch_size=8)
+    expected = _numpy_logits(images, w, b)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    p = _softmax(expected)
+    assert analysis.mean_entropy(logits) == pytest.approx(
+        np.mean(-np.sum(p * np.log(p), axis=1)), rel=1e-4)
+    np.testing.assert_allclose(analysis.top_k_mass(logits), np.mean(-np.sort(-p, axis=1), axis=0)[:5],
+                               rtol=1e-4)
+    features = analysis.predict_features(model, images, MEAN, STD, batch_size=8)
+    np.testing.assert_allclose(features, ((images - np.array(MEAN)) / np.array(STD)).reshape(37, -1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_noise_at_sigma_0_is_the_clean_loss_and_weights_come_back_exactly():
+    model, w, b = _dense_model()
+    images, labels = _images(30)
+    before = [v.numpy().copy() for v in model.variables]
+    clean = -np.mean(np.log(_softmax(_numpy_logits(images, w, b))[np.arange(30), labels]))
+    got = analysis.noise_robustness(model, images, labels, MEAN, STD, sigmas=[0.0, 0.5, 2.0],
+                                    draws=2, seed=3, batch_size=16)
+    assert got["loss"][0] == pytest.approx(clean, rel=1e-4)
+    assert len(got["per_draw"][0]) == 1 and len(got["per_draw"][2]) == 2
+    assert got["loss_std"][0] == 0.0 and got["loss"][1] != pytest.approx(clean, rel=1e-3)
+    for old, new in zip(before, model.variables):
+        np.testing.assert_array_equal(old, new.numpy())
+    # The draws depend on the seed only: the same call gives the same curve.
+    again = analysis.noise_robustness(model, images, labels, MEAN, STD, sigmas=[0.0, 0.5, 2.0],
+                                      draws=2, seed=3, batch_size=16)
+    assert again["per_draw"] == got["per_draw"]
+
+
+def test_noise_perturbs_the_trainable_weights_only():
+    """A BatchNorm's moving statistics are not parameters: the noise leaves them alone."""
+    inputs = keras.Input((2, 2, 3))
+    x = keras.layers.BatchNormalization()(keras.layers.Flatten()(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(7)(x))
+    images, labels = _images(12)
+    statistics = [v for v in model.non_trainable_variables]
+    seen = []
+    original = analysis.cross_entropy
+
+    def spy(logits, labels):
+        seen.append([v.numpy().copy() for v in statistics])
+        return original(logits, labels)
+
+    analysis.cross_entropy = spy
+    try:
+        analysis.noise_robustness(model, images, labels, MEAN, STD, sigmas=[0.1], draws=1)
+    finally:
+        analysis.cross_entropy = original
+    for value, variable in zip(seen[0], statistics):
+        np.testing.assert_array_equal(value, variable.numpy())
+
+
+def _result(name, sigmas=(0.0, 0.01)):
+    peers = {f"peer{k}": {"net": "tiny", "entropy": 0.3 * k, "train_ce": 0.1, "train_top1": 1.0,
+                          "top5_mass": [0.9, 0.05, 0.02, 0.01, 0.005],
+                          "noise_loss": [0.1, 0.2 * k], "noise_loss_std": [0.0, 0.01]}
+             for k in (1, 2)}
+    return {"run": name, "peers": peers, "noise": {"sigmas": list(sigmas)}, "train_examples": 9,
+            "tsne": {"labels": [0, 1, 2, 1], "points": {"peer1": np.eye(4, 2).tolist(),
+                                                         "peer2": np.ones((4, 2)).tolist()}}}
+
+
+def test_plots_and_json_are_written(tmp_path):
+    path = analysis.write_run_outputs(_result("dml"), str(tmp_path))
+    saved = json.loads(open(path).read())
+    assert set(saved["plots"]) == {"entropy", "noise", "top5", "tsne"}
+    for name in saved["plots"].values():
+        assert (tmp_path / name).read_bytes().startswith(PNG)
+    out = tmp_path / "overlay"
+    summary = json.loads(open(analysis.write_overlays([_result("dml"), _result("ind")],
+                                                      str(out))).read())
+    assert set(summary) == {"dml", "ind"} and "tsne" not in summary["dml"]
+    for name in ("analysis_entropy.png", "analysis_noise.png", "analysis_top5.png"):
+        assert (out / name).read_bytes().startswith(PNG)
+
+
+def test_tsne_is_seeded():
+    features = np.random.default_rng(0).normal(size=(20, 6))
+    a, b = analysis.tsne_embedding(features, seed=1), analysis.tsne_embedding(features, seed=1)
+    assert a.shape == (20, 2)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_run_names_and_subsets():
+    assert analysis.run_names(["a/dml", "b/ind/"]) == ["dml", "ind"]
+    assert analysis.run_names(["a/run", "b/run"]) == ["a/run", "b/run"]
+    subset = analysis.seeded_subset(100, 10, seed=4)
+    assert len(set(subset)) == 10 and list(subset) == sorted(subset)
+    np.testing.assert_array_equal(subset, analysis.seeded_subset(100, 10, seed=4))
+    np.testing.assert_array_equal(analysis.seeded_subset(5, 0, seed=4), np.arange(5))
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    """Two tiny runs (dml, independent) of 2 steps on an .npz dataset written here."""
+    root = tmp_path_factory.mktemp("analysis")
+    rng = np.random.default_rng(1)
+    path = root / "subset.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+             y_train=rng.integers(0, 4, 40).astype(np.uint8),
+             x_test=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
+             y_test=rng.integers(0, 4, 12).astype(np.uint8))
+    base = config_lib.Config(dataset="npz", data_dir=str(path), nets=("tiny", "tiny"),
+                             epochs=1, steps_per_epoch=2, batch_size=16, eval_batch_size=16,
+                             learning_rate=0.05, export=False)
+    dirs = []
+    for method in ("dml", "independent"):
+        model_dir = root / method
+        train_lib.train_and_evaluate(dataclasses.replace(base, method=method,
+                                                         model_dir=str(model_dir)))
+        dirs.append(model_dir)
+    return root, dirs
+
+
+def test_command_line_on_trained_runs(trained_runs, capsys):
+    root, dirs = trained_runs
+    out = root / "compare"
+    status = analysis.main(["analysis", *(f"--model_dir={d}" for d in dirs), f"--out_dir={out}",
+                            "--sigmas=0,0.01,0.1", "--draws=2", "--noise_samples=16",
+                            "--tsne_samples=10"])
+    assert status == 0, capsys.readouterr().err
+    for model_dir in dirs:
+        result = json.loads((model_dir / "analysis.json").read_text())
+        assert result["method"] == model_dir.name and result["train_examples"] == 40
+        assert result["noise"]["examples"] == 16 and len(result["tsne"]["labels"]) == 10
+        for peer in ("peer1", "peer2"):
+            values = result["peers"][peer]
+            assert 0 < values["entropy"] <= np.log(4) + 1e-9
+            assert len(values["top5_mass"]) == 4  # Four classes: ranks 1..4.
+            assert len(values["noise_loss"]) == 3
+        for name in result["plots"].values():
+            assert (model_dir / name).read_bytes().startswith(PNG)
+    assert set(json.loads((out / "analysis.json").read_text())) == {"dml", "independent"}
+    assert (out / "analysis_noise.png").read_bytes().startswith(PNG)
+
+
+def test_command_line_errors_are_one_sentence(trained_runs, capsys):
+    root, dirs = trained_runs
+    assert analysis.main(["analysis", *(f"--model_dir={d}" for d in dirs)]) == 2
+    assert "--out_dir" in capsys.readouterr().err
+    assert analysis.main(["analysis", f"--model_dir={root / 'missing'}"]) == 2
+    assert "flags.json" in capsys.readouterr().err
+    assert analysis.main(["analysis", f"--model_dir={dirs[0]}", "--sigmas=0,x"]) == 2
+    assert "--sigmas" in capsys.readouterr().err
