@@ -188,3 +188,46 @@ def test_budget_in_steps_views_and_semi_supervised_run(cifar_dir, tmp_path):
     assert int(cohort.optimizers[0].iterations.numpy()) == 3  # 2 + 1: the last epoch cut short
     assert cohort.trace_count == 1
     assert "test/peer2/top1" in results
+
+
+def test_kd_teacher_is_restored_and_stays_fixed(cifar_dir, tmp_path):
+    folder, _ = cifar_dir
+    teacher_dir = tmp_path / "teacher"
+    teacher, _ = train_lib.train_cohort(_config(teacher_dir, folder, method="independent",
+                                                export=False))
+    teacher_weights = [v.numpy() for v in teacher.models[0].variables]
+    cfg = _config(tmp_path / "kd", folder, method="kd", teacher_checkpoint=str(teacher_dir),
+                  export=False, epochs=2)
+    cohort, results = train_lib.train_cohort(cfg)
+    for expected, variable in zip(teacher_weights, cohort.models[0].variables):
+        np.testing.assert_array_equal(expected, variable.numpy())
+    assert "train/peer2/mimicry" in results
+    with pytest.raises(UserError, match="--teacher_checkpoint"):
+        train_lib.train_cohort(_config(tmp_path / "kd2", folder, method="kd", export=False))
+    with pytest.raises(UserError, match="--teacher_checkpoint"):
+        train_lib.train_cohort(_config(tmp_path / "kd3", folder, method="kd", export=False,
+                                       teacher_checkpoint=str(tmp_path / "nowhere")))
+
+
+def test_kd_teacher_of_another_shape_is_refused(cifar_dir, tmp_path):
+    folder, _ = cifar_dir
+    rng = np.random.default_rng(2)
+    npz = tmp_path / "four_classes.npz"
+    np.savez(npz, x_train=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(40) % 4, x_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             y_test=np.arange(8) % 4)
+    train_lib.train_cohort(_config(tmp_path / "teacher", npz, dataset="npz", method="independent",
+                                   export=False))
+    with pytest.raises(UserError, match="peer1"):
+        train_lib.train_cohort(_config(tmp_path / "kd", folder, method="kd", export=False,
+                                       teacher_checkpoint=str(tmp_path / "teacher")))
+
+
+def test_kdcl_general_estimates_weights_every_epoch(cifar_dir, tmp_path):
+    folder, _ = cifar_dir
+    cohort, _ = train_lib.train_cohort(_config(tmp_path / "run", folder, method="kdcl_general",
+                                               val_fraction=0.25, epochs=2, export=False))
+    tags = _scalar_tags(str(tmp_path / "run"))
+    assert {"kdcl/weight1", "kdcl/weight2"} <= tags
+    weights = cohort.method.teacher_weights.numpy()
+    assert weights.sum() == pytest.approx(1.0, abs=1e-5)
