@@ -10,6 +10,7 @@ from absl import flags
 
 import run_cifar
 import run_market
+from dml_tf import methods
 from dml_tf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,9 +55,10 @@ def test_flagfile_parses(path):
         assert set(cfg.nets) == {"mobilenet"} and cfg.image_size == (224, 224)
     elif "/cifar" in path and "cifar_paper" not in path:
         dataset, name = os.path.relpath(path, os.path.join(ROOT, "flags")).split("/")
-        method, rest = name[:-len(".flags")].split("_", 1)
+        name = name[:-len(".flags")]
+        method = max((m for m in methods.NAMES if name.startswith(m + "_")), key=len)
         assert cfg.dataset == dataset and cfg.method == method
-        assert "_".join(cfg.nets) == rest
+        assert "_".join(cfg.nets) == name[len(method) + 1:]
         # The paper's schedule (Sec. 4.1).
         assert (cfg.optimizer, cfg.learning_rate, cfg.momentum, cfg.nesterov) == ("sgd", 0.1, 0.9, True)
         assert (cfg.lr_decay_rate, cfg.lr_decay_epochs, cfg.epochs, cfg.batch_size) == (0.1, 60, 200, 64)
