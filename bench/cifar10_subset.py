@@ -1,4 +1,7 @@
-"""Real CIFAR-10 images on a CPU: a ResNet-32 pair with `dml` vs `independent`, same budget.
+"""Real CIFAR-10 images on a CPU: methods side by side on one cohort, same budget.
+
+Default: a ResNet-32 pair with `dml` vs `independent`; `--methods` and `--nets` choose others
+(KDCL methods run with per-peer augmentation).
 
 Uses the 4,000/1,000-image real CIFAR-10 subset of the project's shared data folder and
 prints, per method, each peer's and the ensemble's test top-1 and each peer's mean
@@ -72,6 +75,8 @@ def main(argv):
             learning_rate=FLAGS.learning_rate, lr_decay_rate=0.1,
             lr_decay_epochs=max(1, round(FLAGS.decay_at * FLAGS.epochs)), weight_decay=5e-4,
             seed=FLAGS.seed, eval_every_epochs=FLAGS.epochs, export=False,
+            # KDCL's second ingredient: each peer sees its own augmentation of the batch.
+            per_peer_augmentation=method.startswith("kdcl"),
             model_dir=os.path.join(FLAGS.out_dir, f"{method}_seed{FLAGS.seed}"))
         started = time.time()
         cohort, results = train_lib.train_cohort(cfg, tasks.ClassificationTask(data))
