@@ -1,0 +1,203 @@
+"""Our runs beside the paper's numbers: a markdown table on standard output.
+
+  python -m dml_tf.report runs/dml runs/independent ... > report.md
+
+One row per run folder (its name, method, networks, dataset) with the final metrics of its
+results.json in percent: top-1 per peer and of the ensemble; mAP and rank-1 where the run
+has them (Market-1501). Beside each, the paper's number for the same experiment (dataset,
+networks, method, pre-training; `dml_tf.paper_numbers`) and the difference ours − paper in
+points; "—" where the paper has no counterpart. Runs analysed with `python -m
+dml_tf.analysis` also show their training-set entropy and links to the analysis plots,
+relative to --link_base (default: the current directory, where report.md is written).
+"""
+
+import json
+import os
+import sys
+
+from dml_tf import paper_numbers
+from dml_tf.errors import UserError
+
+DASH = "—"
+
+# (column title, results.json key or "{k}" pattern of a per-peer key). Groups no run has are
+# left out of the table, and so are paper/Δ columns without any paper number.
+METRIC_GROUPS = (
+    ("top-1 % (peers)", "test/peer{k}/top1"),
+    ("ensemble top-1 %", "test/ensemble/top1"),
+    ("mAP % (peers)", "test/peer{k}/mAP"),
+    ("mean mAP %", "test/mean/mAP"),
+    ("mean rank-1 %", "test/mean/rank1"),
+    ("ensemble mAP %", "test/ensemble/mAP"),
+    ("multi-query mean mAP %", "test/mean/mq_mAP"),
+    ("multi-query mean rank-1 %", "test/mean/mq_rank1"),
+)
+PLOT_LABELS = (("entropy", "entropy"), ("noise", "noise"), ("top5", "top-5"), ("tsne", "t-SNE"))
+
+
+def _load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); rerun or delete it.") from None
+
+
+def read_run(run_dir):
+    """A run folder's flags.json, results.json and analysis.json (None where absent).
+
+    Raises:
+      UserError: the folder holds no flags.json (not a run's --model_dir).
+    """
+    flags = _load_json(os.path.join(run_dir, "flags.json"))
+    if flags is None:
+        raise UserError(f"{run_dir} holds no flags.json; pass the --model_dir folders of runs.")
+    return {"dir": run_dir, "name": os.path.basename(os.path.normpath(run_dir)), "flags": flags,
+            "results": _load_json(os.path.join(run_dir, "results.json")),
+            "analysis": _load_json(os.path.join(run_dir, "analysis.json"))}
+
+
+def is_pretrained(flags):
+    """Whether the run started from pre-trained weights (paper Table 3's "pre?")."""
+    return flags.get("init", "scratch") not in (None, "", "scratch") or bool(
+        flags.get("init_checkpoint"))
+
+
+def paper_for(run):
+    """(metrics, sources) of the paper for this run's experiment, or None."""
+    flags = run["flags"]
+    return paper_numbers.lookup(flags.get("dataset"), flags.get("nets", ()), flags.get("method"),
+                                pretrained=is_pretrained(flags))
+
+
+def as_percent(value):
+    """results.json keeps fractions (DESIGN.md); a value above 1 is taken as percent already."""
+    return None if value is None else (value if value > 1.0 else 100.0 * value)
+
+
+def _keys(pattern, num_peers):
+    if "{k}" in pattern:
+        return [pattern.format(k=k) for k in range(1, num_peers + 1)]
+    return [pattern]
+
+
+def _number(value, digits=2):
+    return DASH if value is None else f"{value:.{digits}f}"
+
+
+def _difference(ours, paper, digits=2):
+    if ours is None or paper is None:
+        return DASH
+    return f"{ours - paper:+.{digits}f}"
+
+
+def _cells(ours, paper, digits=2):
+    """(ours, paper, Δ) cells for aligned lists of values (one per peer, or one)."""
+    join = " / ".join
+    return (join(_number(o, digits) for o in ours), join(_number(p, digits) for p in paper),
+            join(_difference(o, p, digits) for o, p in zip(ours, paper)))
+
+
+def _run_columns(run, link_base):
+    """{column group: (ours list, paper list)}, sources, and the plots cell of one run."""
+    flags, results = run["flags"], run["results"] or {}
+    num_peers = len(flags.get("nets", ())) or 1
+    paper, sources = paper_for(run) or ({}, {})
+    groups, used_sources = {}, set()
+    for title, pattern in METRIC_GROUPS:
+        keys = _keys(pattern, num_peers)
+        ours = [as_percent(results.get(k)) for k in keys]
+        theirs = [paper.get(k) for k in keys]
+        if any(v is not None for v in ours) or any(v is not None for v in theirs):
+            groups[title] = (ours, theirs)
+            used_sources.update(sources[k] for k in keys if k in paper)
+    analysis = run["analysis"] or {}
+    peers = analysis.get("peers", {})
+    if peers:
+        ours = [peers.get(f"peer{k}", {}).get("entropy") for k in range(1, num_peers + 1)]
+        nets = list(flags.get("nets", ()))
+        theirs = [paper_numbers.train_entropy(flags.get("dataset"), net, flags.get("method"))
+                  for net in nets]
+        groups["train entropy (nats)"] = (ours, theirs)
+        if any(v is not None for v in theirs):
+            used_sources.add("Sec. 4.8")
+    links = []
+    for key, label in PLOT_LABELS:
+        name = analysis.get("plots", {}).get(key)
+        path = os.path.join(run["dir"], name) if name else None
+        if path and os.path.exists(path):
+            links.append(f"[{label}]({os.path.relpath(path, link_base)})")
+    return groups, sorted(used_sources), " ".join(links) or DASH
+
+
+def _method_cell(flags):
+    args = flags.get("method_args") or []
+    extra = ", ".join(f"{k}={v}" for k, v in args)
+    return f"{flags.get('method', DASH)}" + (f" ({extra})" if extra else "")
+
+
+def render(run_dirs, link_base="."):
+    """The markdown report of `run_dirs` (see the module docstring)."""
+    if not run_dirs:
+        raise UserError("Pass at least one run folder: python -m dml_tf.report RUN_DIR ... > report.md")
+    runs = [read_run(d) for d in run_dirs]
+    columns = [_run_columns(run, link_base) for run in runs]
+    titles = [t for t, _ in METRIC_GROUPS] + ["train entropy (nats)"]
+    present = [t for t in titles if any(t in groups for groups, _, _ in columns)]
+    with_paper = {t for t in present
+                  if any(any(v is not None for v in groups[t][1])
+                         for groups, _, _ in columns if t in groups)}
+    header = ["run", "method", "nets", "dataset"]
+    for title in present:
+        header += [title] + (["paper", "Δ"] if title in with_paper else [])
+    header += ["paper source", "analysis plots"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+    for run, (groups, sources, plots) in zip(runs, columns):
+        flags = run["flags"]
+        dataset = flags.get("dataset", DASH) + (" (pretrained)" if is_pretrained(flags) else "")
+        row = [run["name"], _method_cell(flags), ", ".join(flags.get("nets", ())), dataset]
+        for title in present:
+            num = len(_keys(dict(METRIC_GROUPS).get(title, "{k}"), len(flags.get("nets", ())) or 1))
+            ours, theirs = groups.get(title, ([None] * num, [None] * num))
+            digits = 4 if title.startswith("train entropy") else 2
+            cells = _cells(ours, theirs, digits)
+            row += [cells[0]] + (list(cells[1:]) if title in with_paper else [])
+        row += [", ".join(sources) or DASH, plots]
+        lines.append("| " + " | ".join(row) + " |")
+        if run["results"] is None:
+            notes.append(f"- {run['name']}: no results.json yet (training unfinished).")
+    intro = [
+        "# Deep Mutual Learning: our runs beside the paper",
+        "",
+        "Top-1, mAP and rank-1 in %, test split, final checkpoint; Δ = ours − paper in points "
+        "(entropy in nats). Paper: Zhang et al., \"Deep Mutual Learning\", CVPR 2018; "
+        "\"—\": no counterpart.",
+        "",
+    ]
+    return "\n".join(intro + lines + ([""] + notes if notes else [])) + "\n"
+
+
+def main(argv=None):
+    """Command line: `python -m dml_tf.report [--link_base=DIR] RUN_DIR ...`; exit status."""
+    from absl import flags
+    argv = list(sys.argv if argv is None else argv)
+    flag_values = flags.FlagValues()  # Own flags: importing this module defines none.
+    flags.DEFINE_string("link_base", ".", "Folder the plot links are relative to (where the "
+                        "report is written).", flag_values=flag_values)
+    if any(a in ("-h", "--help", "-?") for a in argv[1:]):
+        print(__doc__ + "\n" + flag_values.get_help())
+        return 0
+    try:
+        run_dirs = flag_values(argv)[1:]
+        sys.stdout.write(render(run_dirs, flag_values.link_base))
+    except (UserError, flags.Error) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
