@@ -19,15 +19,12 @@ folder; with several runs, --out_dir receives the plots that overlay them and an
 import os
 import sys
 
-if __name__ == "__main__":  # Before TensorFlow loads: keep its C++ start-up chatter out.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from dml_tf import train_lib  # noqa: E402
-from dml_tf.data import pipeline  # noqa: E402
-from dml_tf.errors import UserError  # noqa: E402
+from dml_tf import train_lib
+from dml_tf.data import pipeline
+from dml_tf.errors import UserError
 
 DEFAULT_SIGMAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)
 TOP_K = 5
