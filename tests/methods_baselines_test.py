@@ -164,3 +164,20 @@ def test_kd_teacher_stays_fixed_in_the_cohort(update):
     for old, variable in zip(before[1], models[1].variables):
         if variable.trainable or "moving" in variable.path:
             assert np.abs(old - student[variable.path]).max() > 0, variable.path
+
+
+@pytest.mark.parametrize("update", ["sequential", "simultaneous"])
+def test_dml_l2_runs_in_the_cohort_on_the_features_layer(update):
+    models = [nets.build("tiny", 3, (8, 8, 3), name=f"peer{k}") for k in (1, 2)]
+    cohort = Cohort(models, [keras.optimizers.SGD(0.0) for _ in models],
+                    methods.get("dml_l2", gamma=0.5), update)
+    images = np.random.default_rng(6).normal(size=(8, 8, 8, 3)).astype(np.float32)
+    # Learning rate 0: the step's features are those of the models as they are (training mode).
+    features = [keras.Model(m.input, m.get_layer("features").output)(images, training=True).numpy()
+                for m in models]
+    metrics = cohort.train_step(tf.constant(images), tf.zeros([8], tf.int64))
+    expected = np.mean(np.sum((features[0] - features[1]) ** 2, axis=1))
+    for k in (1, 2):
+        assert float(metrics[f"peer{k}/feature_l2"]) == pytest.approx(expected, rel=1e-4)
+        assert float(metrics[f"peer{k}/total"]) == pytest.approx(
+            float(metrics[f"peer{k}/ce"] + metrics[f"peer{k}/mimicry"]) + 0.5 * expected, rel=1e-5)
