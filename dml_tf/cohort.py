@@ -3,6 +3,8 @@
 The cohort calls a method to turn logits into losses; it does not know which method.
 """
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -33,7 +35,7 @@ class Cohort:
     """
 
     def __init__(self, models, optimizers, method, update="sequential", *, weight_decay=0.0,
-                 jit_compile=False):
+                 jit_compile=False, strategy=None, peer_devices=None):
         """Args:
           models: list of K keras.Model mapping images to logits, all with one input shape.
           optimizers: list of K keras optimizers, one per model.
@@ -41,6 +43,11 @@ class Cohort:
           update: "sequential" or "simultaneous".
           weight_decay: L2 coefficient (see class docstring).
           jit_compile: compile the steps with XLA.
+          strategy: a tf.distribute strategy whose scope built the models and optimizers
+            (data parallelism: every replica holds the whole cohort); None: no distribution.
+          peer_devices: one device name per peer (the paper's distributed DML: peer k's
+            variables and compute on its own device, only probabilities cross devices); the
+            models must have been built under those devices.
         """
         if len(models) != len(optimizers):
             raise ValueError(f"{len(models)} models but {len(optimizers)} optimizers.")
@@ -54,6 +61,10 @@ class Cohort:
         self.update = update
         self.weight_decay = float(weight_decay)
         self.jit_compile = bool(jit_compile)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.distributed = strategy is not None and self.strategy.num_replicas_in_sync > 1 or (
+            isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy))
+        self.peer_devices = list(peer_devices) if peer_devices else [None] * len(models)
         self.frozen = frozenset(getattr(method, "frozen_peers", ()))
         self._uses_features = bool(getattr(method, "uses_features", False))
         # Same layers and weights as the peers, with the pooled features as a second output.
@@ -62,8 +73,10 @@ class Cohort:
         ] if self._uses_features else None
         for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
             if k not in self.frozen:
-                # Built eagerly so that the compiled step never creates variables.
-                optimizer.build(model.trainable_variables)
+                # Built eagerly so that the compiled step never creates variables; under the
+                # strategy and on the peer's device, beside the weights they update.
+                with self.strategy.scope(), self._on_device(k):
+                    optimizer.build(model.trainable_variables)
         self._image_spec = tf.TensorSpec([None, *models[0].input_shape[1:]], tf.float32)
         self._compiled = {}
         self._predict_features = None
@@ -106,6 +119,17 @@ class Cohort:
             per_peer = list(images) if views else [images] * self.num_peers
             return body(per_peer, labels, label_mask)
 
+        if self.distributed:
+            # Inputs are per-replica values from a distributed dataset: no input signature
+            # (their spec is the dataset's, fixed by drop_remainder, so still one trace).
+            def distributed_step(*args):
+                per_replica = self.strategy.run(step, args=args)
+                return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                        for k, v in per_replica.items()}
+
+            compiled = tf.function(distributed_step)
+            self._compiled[(views, masked)] = compiled
+            return compiled
         compiled = tf.function(step, input_signature=signature, jit_compile=self.jit_compile or None)
         self._compiled[(views, masked)] = compiled
         return compiled
@@ -134,16 +158,27 @@ class Cohort:
 
     # The step bodies below run inside tf.function.
 
+    def _on_device(self, k):
+        """Peer k's device scope; none at all otherwise (tf.device(None) would clear the
+        replica's own device under a strategy)."""
+        device = self.peer_devices[k]
+        return tf.device(device) if device else contextlib.nullcontext()
+
     def _logits(self, images):
-        return [tf.cast(m(images, training=False), tf.float32) for m in self.models]
+        logits = []
+        for k, model in enumerate(self.models):
+            with self._on_device(k):
+                logits.append(tf.cast(model(images, training=False), tf.float32))
+        return logits
 
     def _forward(self, k, images):
         """(logits, features or None) of peer k; frozen peers run in inference mode."""
         training = k not in self.frozen
-        if self._uses_features:
-            features, logits = self._feature_models[k](images, training=training)
-            return tf.cast(logits, tf.float32), tf.cast(features, tf.float32)
-        return tf.cast(self.models[k](images, training=training), tf.float32), None
+        with self._on_device(k):
+            if self._uses_features:
+                features, logits = self._feature_models[k](images, training=training)
+                return tf.cast(logits, tf.float32), tf.cast(features, tf.float32)
+            return tf.cast(self.models[k](images, training=training), tf.float32), None
 
     def _losses(self, logits, features, labels, label_mask):
         return self.method.losses(logits, labels, label_mask=label_mask,
@@ -151,12 +186,20 @@ class Cohort:
 
     def _objective(self, k, peer_losses):
         penalty = losses.l2_weight_penalty(self.models[k].trainable_variables, self.weight_decay)
-        return peer_losses["total"] + penalty, penalty
+        objective = peer_losses["total"] + penalty
+        if self.distributed:
+            # Each replica's loss is a mean over its share of the global batch; the optimiser
+            # sums the replicas' gradients, so 1/replicas makes them the global mean's.
+            objective = objective / float(self.strategy.num_replicas_in_sync)
+        return objective, penalty
 
     def _apply(self, k, objective, tape):
         variables = self.models[k].trainable_variables
-        grads = tape.gradient(objective, variables)
-        self.optimizers[k].apply_gradients(zip(grads, variables))
+        with self._on_device(k):
+            grads = tape.gradient(objective, variables)
+            # Under a strategy, Keras 3.15's apply_gradients sums the replicas' gradients into
+            # the mirrored variables (measured: an extra all-reduce doubled the step).
+            self.optimizers[k].apply_gradients(zip(grads, variables))
 
     @staticmethod
     def _report(metrics, k, peer_losses, penalty, logits_k, labels):

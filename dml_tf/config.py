@@ -9,7 +9,7 @@ import re
 
 from absl import flags
 
-from dml_tf import cohort, methods, nets, schedules
+from dml_tf import cohort, distribute, methods, nets, schedules
 from dml_tf.errors import UserError
 
 
@@ -41,6 +41,8 @@ class Config:
     init_checkpoint: str | None = None
     teacher_checkpoint: str | None = None
     teacher_peer: int = 1
+    distribution: str = "none"
+    peer_placement: str = "replicated"
     # Schedule (paper Sec. 4.1, CIFAR setting by default).
     epochs: int = 200
     steps_per_epoch: int | None = None
@@ -103,6 +105,13 @@ def define_flags(flag_values=flags.FLAGS):
                         "checkpoint prefix in one; its --teacher_peer is restored.", flag_values=f)
     flags.DEFINE_integer("teacher_peer", d.teacher_peer,
                          "kd: which peer of the teacher run is the teacher (from 1).", flag_values=f)
+    flags.DEFINE_enum("distribution", d.distribution, list(distribute.DISTRIBUTIONS),
+                      "none; mirrored: MirroredStrategy over the local devices, each replica "
+                      "holding the whole cohort, the global batch split; multi_worker: "
+                      "MultiWorkerMirroredStrategy from TF_CONFIG.", flag_values=f)
+    flags.DEFINE_enum("peer_placement", d.peer_placement, list(distribute.PLACEMENTS),
+                      "per_device: peer k on device k mod n, only probabilities cross devices "
+                      "(paper Sec. 4.5); implies --update=simultaneous.", flag_values=f)
     flags.DEFINE_integer("epochs", d.epochs, "Training epochs.", flag_values=f)
     flags.DEFINE_integer("train_steps", None, "Budget in steps (e.g. the released Market-1501 "
                          "code's 200k); overrides --epochs: as many epochs as it takes, the last "
@@ -212,6 +221,11 @@ def validate(config):
     if config.semi_supervised == "dml_all" and len(config.nets) < 2:
         raise UserError("--semi_supervised=dml_all learns from unlabelled examples through the "
                         "mimicry loss: list at least two --nets.")
+    if config.distribution != "none" and config.peer_placement == "per_device":
+        raise UserError("--peer_placement=per_device places whole peers on devices; combine it "
+                        "with --distribution=none, not with data parallelism.")
+    if config.distribution != "none" and config.semi_supervised == "dml_all":
+        raise UserError("--semi_supervised=dml_all runs on one device; drop --distribution.")
     if config.weight_decay < 0:
         raise UserError(f"--weight_decay must be non-negative, got {config.weight_decay}.")
     methods.get(config.method, **dict(config.method_args)).check_cohort_size(len(config.nets))

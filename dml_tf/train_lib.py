@@ -4,6 +4,7 @@ The only module (with export.py) that writes to disk. Everything it writes goes 
 `config.model_dir`; a model_dir that holds a checkpoint is resumed.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,7 +19,7 @@ import tensorflow as tf
 
 from dml_tf import cohort as cohort_lib
 from dml_tf import config as config_lib
-from dml_tf import export, methods, nets, reid_task, schedules, tasks  # noqa: F401 (reid_task registers market1501)
+from dml_tf import distribute, export, methods, nets, reid_task, schedules, tasks  # noqa: F401 (reid_task registers market1501)
 from dml_tf.errors import UserError
 
 # Config fields that may change between a run and its resumption.
@@ -35,25 +36,39 @@ def write_json_atomically(path, obj):
     os.replace(tmp, path)
 
 
-def build_cohort(config, num_classes, input_shape, steps_per_epoch):
-    """The K peers (named peer1..peerK), their optimisers and the method, as configured."""
+def build_cohort(config, num_classes, input_shape, steps_per_epoch, strategy=None):
+    """The K peers (named peer1..peerK), their optimisers and the method, as configured.
+
+    Models and optimisers are built under `strategy`'s scope (data parallelism) and, with
+    --peer_placement=per_device, peer k under device k mod n (simultaneous updates).
+    """
     net_args = dict(config.net_args)
     if config.init == "imagenet":
         net_args["weights"] = "imagenet"  # Keras' ImageNet weights (needs network once)
     elif config.init_checkpoint:
         net_args["weights"] = config.init_checkpoint  # a local Keras weights file
-    models = [nets.build(name, num_classes, input_shape, name=f"peer{k}", **net_args)
-              for k, name in enumerate(config.nets, start=1)]
+    per_device = config.peer_placement == "per_device"
+    devices = distribute.peer_devices(len(config.nets)) if per_device else [None] * len(config.nets)
     lr = schedules.learning_rate(config.learning_rate, decay_rate=config.lr_decay_rate,
                                  decay_epochs=config.lr_decay_epochs,
                                  steps_per_epoch=steps_per_epoch)
-    optimizers = [schedules.optimizer(config.optimizer, lr, momentum=config.momentum,
-                                      nesterov=config.nesterov, beta_1=config.adam_beta1,
-                                      beta_2=config.adam_beta2, epsilon=config.epsilon,
-                                      rho=config.rmsprop_decay) for _ in models]
+    models, optimizers = [], []
+    scope = strategy.scope() if strategy else contextlib.nullcontext()
+    with scope:
+        for k, name in enumerate(config.nets, start=1):
+            with tf.device(devices[k - 1]) if per_device else contextlib.nullcontext():
+                models.append(nets.build(name, num_classes, input_shape, name=f"peer{k}",
+                                         **net_args))
+                optimizers.append(schedules.optimizer(
+                    config.optimizer, lr, momentum=config.momentum, nesterov=config.nesterov,
+                    beta_1=config.adam_beta1, beta_2=config.adam_beta2, epsilon=config.epsilon,
+                    rho=config.rmsprop_decay))
     method = methods.get(config.method, **dict(config.method_args))
-    return cohort_lib.Cohort(models, optimizers, method, config.update,
-                             weight_decay=config.weight_decay, jit_compile=config.jit_compile)
+    # The paper's distributed DML: peers on separate devices update simultaneously.
+    update = "simultaneous" if per_device else config.update
+    return cohort_lib.Cohort(models, optimizers, method, update,
+                             weight_decay=config.weight_decay, jit_compile=config.jit_compile,
+                             strategy=strategy, peer_devices=devices if per_device else None)
 
 
 def make_checkpoint(cohort):
@@ -201,31 +216,46 @@ def train_cohort(config, task=None):
     epochs = config.epochs
     if config.train_steps:
         epochs = math.ceil(config.train_steps / steps_per_epoch)
-    cohort = build_cohort(config, task.num_classes, task.input_shape, steps_per_epoch)
+    strategy = distribute.make_strategy(config.distribution)
+    replica_batch = distribute.replica_batch_size(config.batch_size, strategy)
+    chief = distribute.is_chief(strategy)
+    cohort = build_cohort(config, task.num_classes, task.input_shape, steps_per_epoch, strategy)
     num_peers = cohort.num_peers
     views = num_peers if config.per_peer_augmentation else 1
 
     checkpoint = make_checkpoint(cohort)
     epoch_var = checkpoint.epoch
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(config.model_dir, "checkpoints"),
-                                         max_to_keep=3)
+    # Every multi-worker process saves (saving is collective), the chief into model_dir and
+    # the others into a scratch folder of their own that is never read.
+    checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
+    if not chief:
+        checkpoint_dir = os.path.join(config.model_dir, f"worker_scratch_{strategy.cluster_resolver.task_id}")
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=3)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         print(f"Resumed from {manager.latest_checkpoint} (epoch {int(epoch_var.numpy())}, "
               f"step {int(cohort.optimizers[0].iterations.numpy())}).")
     elif getattr(cohort.method, "needs_teacher", False):
         load_teacher(cohort.models[0], config)
-    write_json_atomically(os.path.join(config.model_dir, "flags.json"),
-                          json.loads(config.to_json()))
+    if chief:
+        write_json_atomically(os.path.join(config.model_dir, "flags.json"),
+                              json.loads(config.to_json()))
 
-    writer = tf.summary.create_file_writer(config.model_dir)
+    writer = tf.summary.create_file_writer(config.model_dir) if chief else tf.summary.create_noop_writer()
     results = {}
     start_epoch = int(epoch_var.numpy())
     started = time.time()
     for epoch in range(start_epoch, epochs):
         # A seed per epoch: a resumed run draws the data order its epoch would have had.
-        train_ds = task.train_dataset(config.batch_size, seed=config.seed * 100003 + epoch,
-                                      views=views)
+        seed = config.seed * 100003 + epoch
+        if cohort.distributed:
+            # Each input pipeline batches its replicas' share; with several workers it reads
+            # its own shard of the batches.
+            train_ds = strategy.distribute_datasets_from_function(
+                lambda ctx, seed=seed: task.train_dataset(replica_batch, seed=seed, views=views)
+                .shard(ctx.num_input_pipelines, ctx.input_pipeline_id))
+        else:
+            train_ds = task.train_dataset(config.batch_size, seed=seed, views=views)
         steps = steps_per_epoch
         if config.train_steps:
             steps = min(steps, config.train_steps - epoch * steps_per_epoch)
@@ -237,8 +267,10 @@ def train_cohort(config, task=None):
         print(f"Epoch {epoch + 1}/{epochs}")
         progbar = keras.utils.Progbar(steps)
         sums = {}
-        for step, (images, labels) in enumerate(train_ds.take(steps), start=1):
-            if config.semi_supervised == "dml_all":
+        batches = iter(train_ds)
+        for step in range(1, steps + 1):
+            images, labels = next(batches)
+            if config.semi_supervised == "dml_all" and not cohort.distributed:
                 # Unlabelled examples carry label −1: no cross-entropy, mimicry only.
                 mask = tf.cast(labels >= 0, tf.float32)
                 outputs = cohort.train_step(images, tf.maximum(labels, 0), mask)
@@ -270,8 +302,9 @@ def train_cohort(config, task=None):
 
     if not results:  # Resumed a finished run: nothing trained, evaluate what is there.
         results = task.evaluate(cohort, config.eval_batch_size)
-    write_json_atomically(os.path.join(config.model_dir, "results.json"), results)
-    if config.export:
+    if chief:
+        write_json_atomically(os.path.join(config.model_dir, "results.json"), results)
+    if config.export and chief:
         paths = export.export_cohort(cohort, os.path.join(config.model_dir, "export"),
                                      task.preprocess, serving_shape=task.serving_shape)
         export.check_export(paths, cohort, task.export_sample(), task.preprocess)
