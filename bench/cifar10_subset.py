@@ -73,7 +73,8 @@ def main(argv):
     rows = []
     for method in FLAGS.methods:
         cfg = config_lib.Config(
-            dataset="cifar10_subset", nets=config_lib.parse_nets(FLAGS.nets), method=method,
+            # dataset "npz" at the file: `python -m dml_tf.analysis` can restore these runs.
+            dataset="npz", data_dir=os.path.abspath(FLAGS.npz), nets=config_lib.parse_nets(FLAGS.nets), method=method,
             update=FLAGS.update, epochs=FLAGS.epochs, batch_size=64,
             learning_rate=FLAGS.learning_rate, lr_decay_rate=0.1,
             lr_decay_epochs=max(1, round(FLAGS.decay_at * FLAGS.epochs)), weight_decay=5e-4,
