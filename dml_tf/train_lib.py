@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from dml_tf import cohort as cohort_lib
 from dml_tf import config as config_lib
-from dml_tf import distribute, export, methods, nets, reid_task, schedules, tasks  # noqa: F401 (reid_task registers market1501)
+from dml_tf import distribute, export, imagenet_task, methods, nets, reid_task, schedules, tasks  # noqa: F401 (the *_task modules register their datasets)
 from dml_tf.errors import UserError
 
 # Config fields that may change between a run and its resumption.

@@ -9,6 +9,7 @@ import pytest
 from absl import flags
 
 import run_cifar
+import run_imagenet
 import run_market
 from dml_tf import methods
 from dml_tf.errors import UserError
@@ -43,7 +44,8 @@ def test_there_is_a_flagfile_per_table2_cell():
 
 @pytest.mark.parametrize("path", FLAGFILES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_flagfile_parses(path):
-    script = run_market if "/market1501/" in path else run_cifar
+    script = (run_market if "/market1501/" in path else
+              run_imagenet if "/imagenet/" in path else run_cifar)
     cfg = _parse(f"--flagfile={os.path.relpath(path, ROOT)}", script=script)
     assert len(cfg.nets) >= 1
     if "/market1501/" in path:
@@ -53,6 +55,12 @@ def test_flagfile_parses(path):
         assert (cfg.batch_size, cfg.weight_decay) == (16, 4e-5)
         assert dict(cfg.method_args)["label_smoothing"] == 0.1
         assert set(cfg.nets) == {"mobilenet"} and cfg.image_size == (224, 224)
+    elif "/imagenet/" in path:
+        assert cfg.dataset == "imagenet" and cfg.image_size == (224, 224)
+        if "mobilenet_mobilenet" in path or "inception" in path:
+            # The paper's ImageNet setting (Sec. 4.1).
+            assert (cfg.optimizer, cfg.rmsprop_decay, cfg.learning_rate) == ("rmsprop", 0.9, 0.1)
+            assert (cfg.lr_decay_rate, cfg.lr_decay_epochs, cfg.batch_size) == (0.16, 20, 64)
     elif "/cifar" in path and "cifar_paper" not in path:
         dataset, name = os.path.relpath(path, os.path.join(ROOT, "flags")).split("/")
         name = name[:-len(".flags")]

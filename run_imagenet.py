@@ -1,0 +1,54 @@
+"""Deep Mutual Learning on ImageNet (paper Sec. 4.4, Fig. 2a): MobileNet and InceptionV1 cohorts.
+
+  python run_imagenet.py --flagfile=flags/imagenet/dml_mobilenet_mobilenet.flags --data_dir=/data/imagenet-tfrecords
+
+Defaults follow the paper: 224x224, RMSProp (decay 0.9), lr 0.1 x0.16 every 20 epochs
+(staircase), batch 64.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads: keep its C++ start-up chatter out.
+
+from absl import app, flags  # noqa: E402
+
+from dml_tf import config, train_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+# RMSProp momentum 0.9 and ε 1.0 are TF-slim's ImageNet defaults (train_image_classifier.py),
+# which the authors' TensorFlow code builds on; the paper gives only the decay.
+DEFAULTS = dict(nets="mobilenet,mobilenet", optimizer="rmsprop", rmsprop_decay=0.9, momentum=0.9,
+                epsilon=1.0, learning_rate=0.1, lr_decay_rate=0.16, lr_decay_epochs=20.0,
+                batch_size=64, epochs=100, weight_decay=4e-5, eval_every_epochs=1,
+                eval_batch_size=100, model_dir="runs/imagenet/default")
+
+
+def define_flags(flag_values=FLAGS):
+    """The shared flags with ImageNet defaults, plus ImageNet's own."""
+    config.define_flags(flag_values)
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_string("data_dir", None, "A folder of TFRecord shards train-00000-of-01024 ... "
+                        "validation-00127-of-00128 (build_imagenet_data.py layout); unset: "
+                        "tensorflow-datasets imagenet2012, whose archives you download by hand "
+                        "into <tfds_data_dir>/downloads/manual/.", **fv)
+    flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir.", **fv)
+    flags.DEFINE_string("image_size", "224", "Side of the square training and evaluation crops.", **fv)
+    flags.DEFINE_enum("init", "scratch", ["scratch", "imagenet"],
+                      "scratch (the paper) or Keras' ImageNet weights.", **fv)
+    for name, value in DEFAULTS.items():
+        flag_values.set_default(name, value)
+
+
+def make_config(flag_values):
+    return config.config_from_flags(flag_values, dataset="imagenet")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    train_lib.main(lambda: make_config(FLAGS))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
