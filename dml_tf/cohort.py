@@ -35,7 +35,7 @@ class Cohort:
     """
 
     def __init__(self, models, optimizers, method, update="sequential", *, weight_decay=0.0,
-                 jit_compile=False, strategy=None, peer_devices=None):
+                 jit_compile=False, strategy=None, peer_devices=None, skip_nonfinite=False):
         """Args:
           models: list of K keras.Model mapping images to logits, all with one input shape.
           optimizers: list of K keras optimizers, one per model.
@@ -48,6 +48,8 @@ class Cohort:
           peer_devices: one device name per peer (the paper's distributed DML: peer k's
             variables and compute on its own device, only probabilities cross devices); the
             models must have been built under those devices.
+          skip_nonfinite: drop a peer's update whose loss or gradients are NaN/Inf (the step's
+            metrics then show the non-finite loss) instead of applying it.
         """
         if len(models) != len(optimizers):
             raise ValueError(f"{len(models)} models but {len(optimizers)} optimizers.")
@@ -61,6 +63,7 @@ class Cohort:
         self.update = update
         self.weight_decay = float(weight_decay)
         self.jit_compile = bool(jit_compile)
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.strategy = strategy or tf.distribute.get_strategy()
         self.distributed = strategy is not None and self.strategy.num_replicas_in_sync > 1 or (
             isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy))
@@ -197,9 +200,19 @@ class Cohort:
         variables = self.models[k].trainable_variables
         with self._on_device(k):
             grads = tape.gradient(objective, variables)
-            # Under a strategy, Keras 3.15's apply_gradients sums the replicas' gradients into
-            # the mirrored variables (measured: an extra all-reduce doubled the step).
-            self.optimizers[k].apply_gradients(zip(grads, variables))
+            if not self.skip_nonfinite:
+                # Under a strategy, Keras 3.15's apply_gradients sums the replicas' gradients
+                # into the mirrored variables (measured: an extra all-reduce doubled the step).
+                self.optimizers[k].apply_gradients(zip(grads, variables))
+                return
+            finite = tf.reduce_all([tf.math.is_finite(objective)] + [
+                tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+
+            def apply():
+                self.optimizers[k].apply_gradients(zip(grads, variables))
+                return tf.constant(True)
+
+            tf.cond(finite, apply, lambda: tf.constant(False))
 
     @staticmethod
     def _report(metrics, k, peer_losses, penalty, logits_k, labels):

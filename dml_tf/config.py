@@ -66,6 +66,10 @@ class Config:
     eval_every_epochs: int = 1
     export: bool = True
     jit_compile: bool = False
+    deterministic: bool = False
+    on_nan: str = "stop"
+    overwrite: bool = False
+    checkpoint_every_steps: int = 0
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -150,6 +154,17 @@ def define_flags(flag_values=flags.FLAGS):
                       "export/ensemble at the end.", flag_values=f)
     flags.DEFINE_bool("jit_compile", d.jit_compile, "Compile the cohort step with XLA.",
                       flag_values=f)
+    flags.DEFINE_bool("deterministic", d.deterministic, "TensorFlow op determinism: with the seeded "
+                      "data order and augmentation, a resumed run ends with the weights of an "
+                      "uninterrupted one (slower on GPUs).", flag_values=f)
+    flags.DEFINE_enum("on_nan", d.on_nan, ["stop", "skip"], "A NaN/Inf loss: stop (keeping the "
+                      "last checkpoint) or skip that peer's update, counted in TensorBoard as "
+                      "train/peer{k}/skipped_steps.", flag_values=f)
+    flags.DEFINE_bool("overwrite", d.overwrite, "Replace a --model_dir that holds a run of "
+                      "another configuration (otherwise refused).", flag_values=f)
+    flags.DEFINE_integer("checkpoint_every_steps", d.checkpoint_every_steps, "Also checkpoint "
+                         "every N steps inside an epoch (0: at epoch ends only; SIGINT/SIGTERM "
+                         "always checkpoint the exact position).", flag_values=f)
 
 
 def parse_nets(spec):
@@ -226,6 +241,11 @@ def validate(config):
                         "with --distribution=none, not with data parallelism.")
     if config.distribution != "none" and config.semi_supervised == "dml_all":
         raise UserError("--semi_supervised=dml_all runs on one device; drop --distribution.")
+    if config.on_nan == "skip" and config.distribution != "none":
+        raise UserError("--on_nan=skip runs on one device; use --on_nan=stop with --distribution.")
+    if config.checkpoint_every_steps < 0:
+        raise UserError(f"--checkpoint_every_steps must be 0 or positive, got "
+                        f"{config.checkpoint_every_steps}.")
     if config.weight_decay < 0:
         raise UserError(f"--weight_decay must be non-negative, got {config.weight_decay}.")
     methods.get(config.method, **dict(config.method_args)).check_cohort_size(len(config.nets))

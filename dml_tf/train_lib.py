@@ -9,7 +9,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 
 import keras
@@ -24,7 +27,9 @@ from dml_tf.errors import UserError
 
 # Config fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = ("epochs", "eval_every_epochs", "export", "steps_per_epoch", "eval_batch_size",
-                      "data_dir", "tfds_data_dir", "model_dir", "jit_compile")
+                      "data_dir", "tfds_data_dir", "model_dir", "jit_compile", "train_steps",
+                      "overwrite", "deterministic", "on_nan", "checkpoint_every_steps",
+                      "teacher_checkpoint")
 
 
 def write_json_atomically(path, obj):
@@ -68,12 +73,16 @@ def build_cohort(config, num_classes, input_shape, steps_per_epoch, strategy=Non
     update = "simultaneous" if per_device else config.update
     return cohort_lib.Cohort(models, optimizers, method, update,
                              weight_decay=config.weight_decay, jit_compile=config.jit_compile,
-                             strategy=strategy, peer_devices=devices if per_device else None)
+                             strategy=strategy, peer_devices=devices if per_device else None,
+                             skip_nonfinite=config.on_nan == "skip")
 
 
 def make_checkpoint(cohort):
     """tf.train.Checkpoint of the cohort: `epoch`, `peer{k}` models and `optimizer{k}`."""
-    trackables = {"epoch": tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")}
+    trackables = {"epoch": tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch"),
+                  # Steps already done in `epoch`: a mid-epoch checkpoint resumes there.
+                  "step_in_epoch": tf.Variable(0, dtype=tf.int64, trainable=False,
+                                               name="step_in_epoch")}
     for k, (model, opt) in enumerate(zip(cohort.models, cohort.optimizers), start=1):
         trackables[f"peer{k}"] = model
         trackables[f"optimizer{k}"] = opt
@@ -145,8 +154,37 @@ def load_teacher(model, config):
     print(f"Teacher (peer 1) restored from {prefix}, peer{config.teacher_peer}.")
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint of the exact position was written."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopRequests:
+    """Turns SIGINT/SIGTERM into a request the loop honours at the next step boundary."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def _check_model_dir(config):
-    """Refuses a model_dir that holds a run of another configuration."""
+    """Refuses a model_dir that holds a run of another configuration (unless --overwrite)."""
     path = os.path.join(config.model_dir, "flags.json")
     if not os.path.exists(path):
         return
@@ -155,10 +193,14 @@ def _check_model_dir(config):
     current = json.loads(config.to_json())
     changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES
                      and k in previous and previous[k] != current[k])
-    if changed:
+    if changed and config.overwrite:
+        print(f"--overwrite: removing the previous run in {config.model_dir}.")
+        shutil.rmtree(config.model_dir)
+        os.makedirs(config.model_dir)
+    elif changed:
         raise UserError(
             f"--model_dir={config.model_dir} holds a run with different {', '.join(changed)} "
-            f"(see its flags.json); pass a new --model_dir, or delete that folder to start over.")
+            f"(see its flags.json); pass a new --model_dir, or --overwrite to replace it.")
 
 
 def _progress_values(step_metrics, num_peers):
@@ -169,13 +211,14 @@ def _progress_values(step_metrics, num_peers):
     return values
 
 
-def _check_finite(step_metrics, num_peers, step, model_dir):
+def _check_finite(step_metrics, num_peers, step, model_dir, on_nan):
     for k in range(1, num_peers + 1):
         value = step_metrics[f"peer{k}/total"]
-        if not math.isfinite(value):
+        if not math.isfinite(value) and on_nan == "stop":
             raise UserError(
                 f"Peer {k}'s loss became {value} at step {step}; training stopped and the last "
-                f"checkpoint in {model_dir} is kept: lower --learning_rate and run again to resume.")
+                f"checkpoint in {model_dir} is kept: lower --learning_rate and run again to resume "
+                f"(or --on_nan=skip to drop such updates).")
 
 
 def train_and_evaluate(config):
@@ -201,6 +244,9 @@ def train_cohort(config, task=None):
     os.makedirs(config.model_dir, exist_ok=True)
     _check_model_dir(config)
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        # Same seed, same ops order: a resumed run ends with the uninterrupted run's weights.
+        tf.config.experimental.enable_op_determinism()
 
     task = (task or tasks.make(config)).semi_supervised(config.semi_supervised, config)
     method = methods.get(config.method, **dict(config.method_args))
@@ -225,6 +271,7 @@ def train_cohort(config, task=None):
 
     checkpoint = make_checkpoint(cohort)
     epoch_var = checkpoint.epoch
+    position_var = checkpoint.step_in_epoch
     # Every multi-worker process saves (saving is collective), the chief into model_dir and
     # the others into a scratch folder of their own that is never read.
     checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
@@ -233,8 +280,9 @@ def train_cohort(config, task=None):
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=3)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        print(f"Resumed from {manager.latest_checkpoint} (epoch {int(epoch_var.numpy())}, "
-              f"step {int(cohort.optimizers[0].iterations.numpy())}).")
+        print(f"Resumed from {manager.latest_checkpoint} (epoch {int(epoch_var.numpy()) + 1}, "
+              f"step {int(position_var.numpy())} of it; global step "
+              f"{int(cohort.optimizers[0].iterations.numpy())}).")
     elif getattr(cohort.method, "needs_teacher", False):
         load_teacher(cohort.models[0], config)
     if chief:
@@ -242,63 +290,94 @@ def train_cohort(config, task=None):
                               json.loads(config.to_json()))
 
     writer = tf.summary.create_file_writer(config.model_dir) if chief else tf.summary.create_noop_writer()
-    results = {}
-    start_epoch = int(epoch_var.numpy())
-    started = time.time()
-    for epoch in range(start_epoch, epochs):
+
+    def save(epoch, step_in_epoch):
+        epoch_var.assign(epoch)
+        position_var.assign(step_in_epoch)
+        manager.save(checkpoint_number=int(cohort.optimizers[0].iterations.numpy()))
+
+    def epoch_dataset(epoch):
         # A seed per epoch: a resumed run draws the data order its epoch would have had.
         seed = config.seed * 100003 + epoch
         if cohort.distributed:
             # Each input pipeline batches its replicas' share; with several workers it reads
             # its own shard of the batches.
-            train_ds = strategy.distribute_datasets_from_function(
-                lambda ctx, seed=seed: task.train_dataset(replica_batch, seed=seed, views=views)
+            return strategy.distribute_datasets_from_function(
+                lambda ctx: task.train_dataset(replica_batch, seed=seed, views=views)
                 .shard(ctx.num_input_pipelines, ctx.input_pipeline_id))
-        else:
-            train_ds = task.train_dataset(config.batch_size, seed=seed, views=views)
-        steps = steps_per_epoch
-        if config.train_steps:
-            steps = min(steps, config.train_steps - epoch * steps_per_epoch)
-        method_summaries = {}
-        if held_out is not None:
-            probs, labels = task.predict_probabilities(cohort, *held_out, config.eval_batch_size)
-            cohort.method.update_weights(probs, labels)
-            method_summaries = cohort.method.summaries()
-        print(f"Epoch {epoch + 1}/{epochs}")
-        progbar = keras.utils.Progbar(steps)
-        sums = {}
-        batches = iter(train_ds)
-        for step in range(1, steps + 1):
-            images, labels = next(batches)
-            if config.semi_supervised == "dml_all" and not cohort.distributed:
-                # Unlabelled examples carry label −1: no cross-entropy, mimicry only.
-                mask = tf.cast(labels >= 0, tf.float32)
-                outputs = cohort.train_step(images, tf.maximum(labels, 0), mask)
-            else:
-                outputs = cohort.train_step(images, labels)
-            step_metrics = {k: float(v) for k, v in outputs.items()}
-            global_step = int(cohort.optimizers[0].iterations.numpy())
-            _check_finite(step_metrics, num_peers, global_step, config.model_dir)
-            for key, value in step_metrics.items():
-                sums[key] = sums.get(key, 0.0) + value
-            progbar.update(step, _progress_values(step_metrics, num_peers))
-        train_metrics = {f"train/{k}": v / steps for k, v in sums.items()}
-        with writer.as_default(step=global_step):
-            for key, value in (train_metrics | method_summaries).items():
-                tf.summary.scalar(key, value)
-            for k, opt in enumerate(cohort.optimizers, start=1):
-                tf.summary.scalar(f"lr/peer{k}", float(opt.learning_rate.numpy()))
-            last = epoch + 1 == epochs
-            if last or (epoch + 1) % config.eval_every_epochs == 0:
-                test_metrics = task.evaluate(cohort, config.eval_batch_size)
-                for key, value in test_metrics.items():
+        return task.train_dataset(config.batch_size, seed=seed, views=views)
+
+    results = {}
+    start_epoch, skip = int(epoch_var.numpy()), int(position_var.numpy())
+    started = time.time()
+    with _StopRequests() as stop:
+        for epoch in range(start_epoch, epochs):
+            steps = steps_per_epoch
+            if config.train_steps:
+                steps = min(steps, config.train_steps - epoch * steps_per_epoch)
+            if skip >= steps:  # a budget that ended exactly where the last run stopped
+                skip = 0
+                continue
+            method_summaries = {}
+            if held_out is not None:
+                probs, labels = task.predict_probabilities(cohort, *held_out, config.eval_batch_size)
+                cohort.method.update_weights(probs, labels)
+                method_summaries = cohort.method.summaries()
+            print(f"Epoch {epoch + 1}/{epochs}")
+            progbar = keras.utils.Progbar(steps)
+            sums, skipped = {}, {}
+            batches = iter(epoch_dataset(epoch))
+            for _ in range(skip):  # resume mid-epoch: the same batches, already trained on
+                next(batches)
+            for step in range(skip + 1, steps + 1):
+                images, labels = next(batches)
+                if config.semi_supervised == "dml_all" and not cohort.distributed:
+                    # Unlabelled examples carry label −1: no cross-entropy, mimicry only.
+                    mask = tf.cast(labels >= 0, tf.float32)
+                    outputs = cohort.train_step(images, tf.maximum(labels, 0), mask)
+                else:
+                    outputs = cohort.train_step(images, labels)
+                step_metrics = {k: float(v) for k, v in outputs.items()}
+                global_step = int(cohort.optimizers[0].iterations.numpy())
+                _check_finite(step_metrics, num_peers, global_step, config.model_dir, config.on_nan)
+                for key, value in step_metrics.items():
+                    if math.isfinite(value):
+                        sums[key] = sums.get(key, 0.0) + value
+                    elif key.endswith("/total"):
+                        skipped[key] = skipped.get(key, 0) + 1
+                progbar.update(step, _progress_values(step_metrics, num_peers))
+                if stop.signum is not None:
+                    save(epoch, step)
+                    name = signal.Signals(stop.signum).name
+                    raise Interrupted(stop.signum, (
+                        f"{name}: stopped at epoch {epoch + 1}, step {step}; a checkpoint of this "
+                        f"position is in {checkpoint_dir}: run the same command to resume."))
+                if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 \
+                        and step < steps:
+                    save(epoch, step)
+            done = steps - skip
+            skip = 0
+            train_metrics = {f"train/{k}": v / done for k, v in sums.items()}
+            train_metrics |= {f"train/{k.replace('/total', '/skipped_steps')}": float(n)
+                              for k, n in skipped.items()}
+            with writer.as_default(step=global_step):
+                for key, value in (train_metrics | method_summaries).items():
                     tf.summary.scalar(key, value)
-                print("  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()
-                                       if k.endswith(task.top1_key)))
-                results = train_metrics | test_metrics
-        writer.flush()
-        epoch_var.assign(epoch + 1)
-        manager.save(checkpoint_number=epoch + 1)
+                for k, opt in enumerate(cohort.optimizers, start=1):
+                    tf.summary.scalar(f"lr/peer{k}", float(opt.learning_rate.numpy()))
+                last = epoch + 1 == epochs
+                if last or (epoch + 1) % config.eval_every_epochs == 0:
+                    test_metrics = task.evaluate(cohort, config.eval_batch_size)
+                    for key, value in test_metrics.items():
+                        tf.summary.scalar(key, value)
+                    print("  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()
+                                           if k.endswith(task.top1_key)))
+                    results = train_metrics | test_metrics
+            writer.flush()
+            if steps < steps_per_epoch:  # a --train_steps budget ended inside this epoch
+                save(epoch, steps)
+            else:
+                save(epoch + 1, 0)
 
     if not results:  # Resumed a finished run: nothing trained, evaluate what is there.
         results = task.evaluate(cohort, config.eval_batch_size)
@@ -315,7 +394,11 @@ def train_cohort(config, task=None):
 
 
 def main(make_config):
-    """Run-script entry: builds the config and trains; a UserError exits 2 with its sentence."""
+    """Run-script entry: builds the config and trains.
+
+    A UserError exits 2 with its one sentence; SIGINT/SIGTERM save a checkpoint of the
+    exact position and exit 128 + the signal number, as shells expect.
+    """
     # TensorFlow's INFO lines (checkpoint sharding, SavedModel assets) would bury the progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:
@@ -323,3 +406,6 @@ def main(make_config):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
