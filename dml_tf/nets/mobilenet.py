@@ -73,6 +73,28 @@ def _small_input_base(inputs):
     return x
 
 
+def check_weights(network, weights, input_shape, min_side):
+    """Validates a keras.applications `weights` argument; True where the ImageNet model applies.
+
+    Shared by the networks that wrap keras.applications (MobileNet, MobileNetV2).
+
+    Raises:
+        UserError: weights for a small-input variant, for non-RGB inputs, or a missing file.
+    """
+    height, width, channels = input_shape
+    imagenet_size = min(height, width) >= min_side
+    if weights is not None and not imagenet_size:
+        raise UserError(
+            f"{network} weights={weights!r} need inputs of side >= {min_side}, got "
+            f"{height}x{width}; the small-input variant trains from scratch.")
+    if weights is not None and channels != 3:
+        raise UserError(f"{network} weights={weights!r} need 3 input channels, got {channels}.")
+    if weights not in (None, "imagenet") and not os.path.exists(str(weights)):
+        raise UserError(f"{network} weights file {weights!r} does not exist; pass None, "
+                        f"'imagenet' or the path of a Keras {network} no-top weights file.")
+    return imagenet_size
+
+
 def mobilenet(num_classes, input_shape, *, dropout=1e-3, weights=None, name="mobilenet"):
     """Builds MobileNet v1 (alpha 1.0) mapping images to logits.
 
@@ -94,17 +116,7 @@ def mobilenet(num_classes, input_shape, *, dropout=1e-3, weights=None, name="mob
     """
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"MobileNet dropout must be in [0, 1), got {dropout}.")
-    height, width, channels = input_shape
-    imagenet_size = min(height, width) >= IMAGENET_MIN_SIDE
-    if weights is not None and not imagenet_size:
-        raise UserError(
-            f"MobileNet weights={weights!r} need inputs of side >= {IMAGENET_MIN_SIDE}, "
-            f"got {height}x{width}; the small-input variant trains from scratch.")
-    if weights is not None and channels != 3:
-        raise UserError(f"MobileNet weights={weights!r} need 3 input channels, got {channels}.")
-    if weights not in (None, "imagenet") and not os.path.exists(str(weights)):
-        raise UserError(f"MobileNet weights file {weights!r} does not exist; pass None, "
-                        "'imagenet' or the path of a Keras MobileNet no-top weights file.")
+    imagenet_size = check_weights("MobileNet", weights, input_shape, IMAGENET_MIN_SIDE)
     if imagenet_size:
         try:
             base = keras.applications.MobileNet(input_shape=tuple(input_shape), alpha=1.0,

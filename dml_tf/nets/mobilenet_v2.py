@@ -23,12 +23,12 @@ Two variants, chosen by the input size (as `mobilenet` does for v1):
   convention of the hand-written networks here) with Keras' epsilon 1e-3.
 """
 
-import os
 
 import keras
 from keras import layers
 
 from dml_tf.errors import UserError
+from dml_tf.nets import mobilenet
 
 IMAGENET_MIN_SIDE = 128
 # (expansion, output filters, stride) of the 17 inverted-residual blocks, block_0..16.
@@ -99,17 +99,7 @@ def _small_input_base(inputs, alpha):
 
 
 def _mobilenet_v2(num_classes, input_shape, *, alpha, weights, name):
-    height, width, channels = input_shape
-    imagenet_size = min(height, width) >= IMAGENET_MIN_SIDE
-    if weights is not None and not imagenet_size:
-        raise UserError(
-            f"{name} weights={weights!r} need inputs of side >= {IMAGENET_MIN_SIDE}, got "
-            f"{height}x{width}; the small-input variant trains from scratch.")
-    if weights is not None and channels != 3:
-        raise UserError(f"{name} weights={weights!r} need 3 input channels, got {channels}.")
-    if weights not in (None, "imagenet") and not os.path.exists(str(weights)):
-        raise UserError(f"{name} weights file {weights!r} does not exist; pass None, "
-                        "'imagenet' or the path of a Keras MobileNetV2 no-top weights file.")
+    imagenet_size = mobilenet.check_weights("MobileNetV2", weights, input_shape, IMAGENET_MIN_SIDE)
     if imagenet_size:
         try:
             base = keras.applications.MobileNetV2(input_shape=tuple(input_shape), alpha=alpha,
