@@ -15,7 +15,7 @@ from dml_tf.evaluation import classification
 class ImagenetTask:
     """Top-1/top-5 per peer, mean of peers and ensemble on the validation split."""
 
-    top1_key = "top1"
+    headline_metrics = ("top1",)  # printed after each evaluation
 
     def __init__(self, source, image_size=imagenet.IMAGE_SIZE):
         self.source = source

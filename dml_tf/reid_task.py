@@ -26,7 +26,7 @@ class ReidTask:
       serving_shape: (None, None, 3): exported models resize any image size themselves.
     """
 
-    top1_key = "rank1"
+    headline_metrics = ("mAP", "rank1")  # printed after each evaluation
 
     def __init__(self, splits, image_size, multiquery_pooling="mean", labels=None):
         """Args:

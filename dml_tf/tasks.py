@@ -26,7 +26,7 @@ class ClassificationTask:
       serving_shape: (H, W, C) of the uint8 images a SavedModel takes.
     """
 
-    top1_key = "top1"
+    headline_metrics = ("top1",)  # printed after each evaluation
 
     def __init__(self, data):
         self.data = data

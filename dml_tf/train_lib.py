@@ -371,7 +371,7 @@ def train_cohort(config, task=None):
                     for key, value in test_metrics.items():
                         tf.summary.scalar(key, value)
                     print("  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()
-                                           if k.endswith(task.top1_key)))
+                                           if k.rsplit("/", 1)[-1] in task.headline_metrics))
                     results = train_metrics | test_metrics
             writer.flush()
             if steps < steps_per_epoch:  # a --train_steps budget ended inside this epoch
