@@ -17,7 +17,6 @@ import time
 
 import keras
 from absl import logging as absl_logging
-import numpy as np
 import tensorflow as tf
 
 from dml_tf import cohort as cohort_lib

@@ -9,7 +9,6 @@ import pytest
 
 from dml_tf import analysis, train_lib
 from dml_tf import config as config_lib
-from dml_tf.data import ImageData
 
 PNG = b"\x89PNG\r\n\x1a\n"
 MEAN, STD = (10.0, 20.0, 30.0), (2.0, 4.0, 5.0)

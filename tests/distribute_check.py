@@ -7,7 +7,6 @@
 Called by tests/distribute_test.py; not a test module itself.
 """
 
-import dataclasses
 import json
 import os
 import sys
@@ -20,8 +19,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from dml_tf import config as config_lib  # noqa: E402
-from dml_tf import data as data_lib  # noqa: E402
-from dml_tf import methods, tasks, train_lib  # noqa: E402
+from dml_tf import methods, train_lib  # noqa: E402
 from dml_tf.cohort import Cohort  # noqa: E402
 
 
