@@ -20,6 +20,7 @@ With the "sequential" update order the cohort asks for the losses once per peer,
 the previous peers were updated, so the teacher is rebuilt from the freshest logits.
 """
 
+import abc
 import itertools
 
 import numpy as np
@@ -78,7 +79,7 @@ def _number(value, name, what, valid):
     return number
 
 
-class _KDCL(base.Method):
+class _KDCL(base.Method, abc.ABC):
     """Shared loss of the KDCL methods; subclasses build the teacher logits."""
 
     min_peers = 2
@@ -93,9 +94,9 @@ class _KDCL(base.Method):
         self.temperature = _number(temperature, "temperature", "a positive number", lambda v: v > 0)
         self.weight = _number(weight, "weight", "a number >= 0", lambda v: v >= 0)
 
+    @abc.abstractmethod
     def teacher(self, logits, labels, *, label_mask=None):
         """Teacher logits z_t [B, M] from the peers' logits (already constants)."""
-        raise NotImplementedError
 
     def losses(self, logits, labels, *, label_mask=None, features=None):
         """L_k = CE_k + λ·T²·KL(softmax(z_t/T) ‖ softmax(z_k/T)); see `base.Method.losses`."""
