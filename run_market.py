@@ -46,12 +46,6 @@ def make_config(flag_values):
     return config.config_from_flags(flag_values, dataset="market1501")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    train_lib.main(lambda: make_config(FLAGS))
-
-
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(train_lib.absl_main(lambda: make_config(FLAGS)))

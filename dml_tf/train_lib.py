@@ -16,6 +16,7 @@ import threading
 import time
 
 import keras
+from absl import app
 from absl import logging as absl_logging
 import tensorflow as tf
 
@@ -390,6 +391,17 @@ def train_cohort(config, task=None):
     print(f"Results: {os.path.join(config.model_dir, 'results.json')}")
     print(f"Watch:   tensorboard --logdir {config.model_dir}")
     return cohort, results
+
+
+def absl_main(make_config):
+    """The `main(argv)` a run script hands to absl's app.run: no stray arguments, then `main`."""
+
+    def absl_entry(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        main(make_config)
+
+    return absl_entry
 
 
 def main(make_config):
