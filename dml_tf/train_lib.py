@@ -379,6 +379,8 @@ def train_cohort(config, task=None):
             else:
                 save(epoch + 1, 0)
 
+    if not chief:  # the scratch copies only existed because saving is collective
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if not results:  # Resumed a finished run: nothing trained, evaluate what is there.
         results = task.evaluate(cohort, config.eval_batch_size)
     if chief:

@@ -83,6 +83,18 @@ def per_device(model_dir):
                                        for o in cohort.optimizers]}))
 
 
+def mirrored_run(model_dir):
+    """The whole loop under MirroredStrategy: checkpoints, summaries, results and export."""
+    _split_cpu()
+    cfg = config_lib.Config(dataset="npz", data_dir=_npz(model_dir), nets=("tiny", "tiny"),
+                            method="dml", distribution="mirrored", epochs=2, steps_per_epoch=2,
+                            batch_size=8, export=True, model_dir=os.path.join(model_dir, "run"))
+    cohort, results = train_lib.train_cohort(cfg)
+    print(json.dumps({"replicas": cohort.strategy.num_replicas_in_sync,
+                      "step": int(cohort.optimizers[0].iterations.numpy()),
+                      "top1": results["test/peer1/top1"]}))
+
+
 def _npz(folder):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "data.npz")
@@ -101,7 +113,7 @@ def worker(index, ports, folder):
         "task": {"type": "worker", "index": int(index)}})
     cfg = config_lib.Config(dataset="npz", data_dir=_npz(folder), nets=("tiny", "tiny"),
                             method="dml", distribution="multi_worker", epochs=1,
-                            steps_per_epoch=3, batch_size=8, export=False, eval_batch_size=16,
+                            steps_per_epoch=3, batch_size=8, export=True, eval_batch_size=16,
                             model_dir=os.path.join(folder, "run"))
     cohort, _ = train_lib.train_cohort(cfg)
     flat = np.concatenate([v.numpy().ravel() for m in cohort.models for v in m.trainable_variables])
@@ -116,5 +128,7 @@ if __name__ == "__main__":
         mirrored()
     elif mode == "per_device":
         per_device(sys.argv[2])
+    elif mode == "mirrored_run":
+        mirrored_run(sys.argv[2])
     else:
         worker(*sys.argv[2:5])

@@ -66,6 +66,19 @@ def test_two_local_workers_end_with_identical_weights(tmp_path):
     assert outputs[0]["step"] == outputs[1]["step"] == 3
     assert outputs[0]["weights"] == outputs[1]["weights"]
     assert outputs[0]["sum"] == outputs[1]["sum"]
-    # Only the chief wrote the run's files; the other worker's checkpoints went to scratch.
-    assert (tmp_path / "run" / "results.json").exists()
-    assert (tmp_path / "run" / "checkpoints").exists()
+    # Only the chief wrote the run's files and exports; the other worker's checkpoint copies
+    # went to a scratch folder it removed at the end.
+    run = tmp_path / "run"
+    assert (run / "results.json").exists() and (run / "checkpoints").exists()
+    assert {p.name for p in (run / "export").iterdir()} == {"peer1", "peer2", "ensemble"}
+    assert not list(run.glob("worker_scratch_*"))
+
+
+def test_mirrored_loop_checkpoints_summarises_and_exports(tmp_path):
+    out = _run("mirrored_run", str(tmp_path))
+    assert out["replicas"] == 2 and out["step"] == 4
+    run = tmp_path / "run"
+    assert (run / "results.json").exists() and list(run.glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "checkpoint").exists()
+    # The export was reloaded and checked against the cohort inside the run.
+    assert {p.name for p in (run / "export").iterdir()} == {"peer1", "peer2", "ensemble"}
