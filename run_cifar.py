@@ -40,4 +40,4 @@ def make_config(flag_values):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(train_lib.absl_main(lambda: make_config(FLAGS)))
+    app.run(train_lib.absl_main(lambda: make_config(FLAGS)), flags_parser=config.flags_parser(FLAGS))

@@ -6,6 +6,7 @@ Library code takes a `Config`; only run_*.py read absl flags (DESIGN.md).
 import dataclasses
 import json
 import re
+import sys
 
 from absl import flags
 
@@ -165,6 +166,20 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_integer("checkpoint_every_steps", d.checkpoint_every_steps, "Also checkpoint "
                          "every N steps inside an epoch (0: at epoch ends only; SIGINT/SIGTERM "
                          "always checkpoint the exact position).", flag_values=f)
+
+
+def flags_parser(flag_values):
+    """An absl `flags_parser` for app.run: a bad flag value is one sentence and exit status 2
+    (absl's default prints the usage and exits 1)."""
+
+    def parse(argv):
+        try:
+            return flag_values(argv)
+        except flags.Error as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return parse
 
 
 def parse_nets(spec):

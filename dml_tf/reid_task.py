@@ -62,7 +62,7 @@ class ReidTask:
         """Per-peer features of every image of `split`: a list of K [N, D] arrays."""
         per_peer = None
         ds = market1501.eval_dataset(self.splits[split].paths, batch_size, self.image_size)
-        for images in ds:
+        for images in tasks.diagnosed(self, ds):
             batch = cohort.predict_features(images)
             per_peer = per_peer or [[] for _ in batch]
             for k, f in enumerate(batch):
@@ -134,6 +134,13 @@ class ReidTask:
                             labels=self.labels[labelled])
         return ReidTask(self.splits, self.image_size, self.multiquery_pooling,
                         labels=np.where(labelled, self.labels, -1))
+
+    def diagnose(self, error):
+        """Names the unreadable image behind a tf.data decode error (TensorFlow's own message
+        does not); raises UserError when one is found, returns otherwise."""
+        del error
+        for split in self.splits.values():
+            market1501.check_images(split.paths)
 
     def split_validation(self, fraction, seed):
         raise UserError("Methods that estimate on a validation split (kdcl_general) run on the "

@@ -104,6 +104,21 @@ def classification_task(config):
                                             tfds_data_dir=config.tfds_data_dir, seed=config.seed))
 
 
+def diagnosed(task, dataset):
+    """Iterates `dataset`; a decode error becomes the task's one-sentence diagnosis if it has one."""
+    iterator = iter(dataset)
+    while True:
+        try:
+            element = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as e:
+            if hasattr(task, "diagnose"):
+                task.diagnose(e)
+            raise
+        yield element
+
+
 _FACTORIES = {name: classification_task for name in data_lib.DATASETS}
 
 

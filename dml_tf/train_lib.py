@@ -326,7 +326,7 @@ def train_cohort(config, task=None):
             print(f"Epoch {epoch + 1}/{epochs}")
             progbar = keras.utils.Progbar(steps)
             sums, skipped = {}, {}
-            batches = iter(epoch_dataset(epoch))
+            batches = tasks.diagnosed(task, epoch_dataset(epoch))
             for _ in range(skip):  # resume mid-epoch: the same batches, already trained on
                 next(batches)
             for step in range(skip + 1, steps + 1):

@@ -79,3 +79,15 @@ def test_semi_supervised_identities(market_dir):
 def test_missing_data_dir_is_one_sentence(tmp_path):
     with pytest.raises(UserError, match="--data_dir"):
         train_lib.train_and_evaluate(_config(tmp_path / "run", None))
+
+
+def test_corrupt_jpeg_is_named(tmp_path):
+    import shutil
+    root = str(tmp_path / market1501.DATASET_FOLDER)
+    write_market(root)
+    victim = sorted((tmp_path / market1501.DATASET_FOLDER / "bounding_box_train").glob("*.jpg"))[1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:len(data) // 3])  # a JPEG header, then the file just stops
+    with pytest.raises(UserError, match=victim.name):
+        train_lib.train_and_evaluate(_config(tmp_path / "run", root, export=False))
+    shutil.rmtree(root)

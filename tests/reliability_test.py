@@ -166,3 +166,19 @@ def test_another_configuration_is_refused_unless_overwrite(npz, tmp_path):
     results = train_lib.train_and_evaluate(_config(model_dir, npz, method="independent",
                                                    overwrite=True))
     assert "train/peer1/mimicry" not in results
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--method=foo"], "--method=foo"),
+    (["--epochs=-1"], "--epochs"),
+    (["--nets=resnet32"], "--nets"),
+    (["--method=kd", "--nets=tiny,tiny", "--dataset=digits"], "--teacher_checkpoint"),
+])
+def test_bad_input_is_one_sentence_and_exit_2(args, words, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "run_cifar.py"), *args,
+                           f"--model_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0]
