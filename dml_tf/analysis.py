@@ -18,6 +18,7 @@ folder; with several runs, --out_dir receives the plots that overlay them and an
 
 import os
 import sys
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -82,8 +83,19 @@ def seeded_subset(n, size, seed):
 
 # Network passes (inference mode, un-augmented images through the evaluation pipeline).
 
+_INFERENCE_FNS = weakref.WeakKeyDictionary()
+
+
 def _inference_fn(model, output=None):
-    """model (or the model up to layer `output`) in inference mode, compiled once."""
+    """model (or the model up to layer `output`) in inference mode, compiled once per model:
+    the noise curve calls it for every σ and draw, and retracing each time cost seconds."""
+    cached = _INFERENCE_FNS.setdefault(model, {})
+    if output not in cached:
+        cached[output] = _compile_inference(model, output)
+    return cached[output]
+
+
+def _compile_inference(model, output):
     if output is not None:
         import keras  # Only here: the other passes need no sub-model.
         model = keras.Model(model.input, model.get_layer(output).output)
