@@ -138,11 +138,19 @@ def _method_cell(flags):
     return f"{flags.get('method', DASH)}" + (f" ({extra})" if extra else "")
 
 
-def render(run_dirs, link_base="."):
-    """The markdown report of `run_dirs` (see the module docstring)."""
+def render(run_dirs, link_base=".", compare_as=None):
+    """The markdown report of `run_dirs` (see the module docstring).
+
+    `compare_as` names the paper dataset that runs on an .npz subset (dataset "npz", e.g. the
+    real 4,000-image CIFAR-10 subset) are set beside; their dataset cell says so.
+    """
     if not run_dirs:
         raise UserError("Pass at least one run folder: python -m dml_tf.report RUN_DIR ... > report.md")
     runs = [read_run(d) for d in run_dirs]
+    if compare_as:
+        for run in runs:
+            if run["flags"].get("dataset") == "npz":
+                run["flags"] = {**run["flags"], "dataset": compare_as, "subset": True}
     columns = [_run_columns(run, link_base) for run in runs]
     titles = [t for t, _ in METRIC_GROUPS] + ["train entropy (nats)"]
     present = [t for t in titles if any(t in groups for groups, _, _ in columns)]
@@ -158,6 +166,8 @@ def render(run_dirs, link_base="."):
     for run, (groups, sources, plots) in zip(runs, columns):
         flags = run["flags"]
         dataset = flags.get("dataset", DASH) + (" (pretrained)" if is_pretrained(flags) else "")
+        if flags.get("subset"):
+            dataset = f"npz subset, vs paper {flags['dataset']}"
         row = [run["name"], _method_cell(flags), ", ".join(flags.get("nets", ())), dataset]
         for title in present:
             num = len(_keys(dict(METRIC_GROUPS).get(title, "{k}"), len(flags.get("nets", ())) or 1))
@@ -187,12 +197,15 @@ def main(argv=None):
     flag_values = flags.FlagValues()  # Own flags: importing this module defines none.
     flags.DEFINE_string("link_base", ".", "Folder the plot links are relative to (where the "
                         "report is written).", flag_values=flag_values)
+    flags.DEFINE_string("compare_as", None, "Set runs on an .npz subset beside the paper's numbers "
+                        "for this dataset (e.g. cifar10 for the real CIFAR-10 subset).",
+                        flag_values=flag_values)
     if any(a in ("-h", "--help", "-?") for a in argv[1:]):
         print(__doc__ + "\n" + flag_values.get_help())
         return 0
     try:
         run_dirs = flag_values(argv)[1:]
-        sys.stdout.write(render(run_dirs, flag_values.link_base))
+        sys.stdout.write(render(run_dirs, flag_values.link_base, flag_values.compare_as))
     except (UserError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -151,3 +151,20 @@ def test_percent_values_are_not_scaled_twice():
     assert report.as_percent(0.7119) == pytest.approx(71.19)
     assert report.as_percent(54.71) == 54.71
     assert report.as_percent(None) is None
+
+
+def test_subset_runs_can_be_compared_with_a_paper_dataset(tmp_path):
+    import json
+    from dml_tf import report
+    run = tmp_path / "dml_subset"
+    run.mkdir()
+    (run / "flags.json").write_text(json.dumps({"dataset": "npz", "nets": ["resnet32", "resnet32"],
+                                                "method": "dml", "init": "scratch"}))
+    (run / "results.json").write_text(json.dumps({"test/peer1/top1": 0.5, "test/peer2/top1": 0.4,
+                                                  "test/ensemble/top1": 0.55}))
+    plain = report.render([str(run)])
+    assert "92.68" not in plain
+    compared = report.render([str(run)], compare_as="cifar10")
+    # Paper Table 2, CIFAR-10 ResNet-32 pair with DML: 92.68 / 92.80; ours 50.00 / 40.00.
+    assert "92.68" in compared and "92.80" in compared and "npz subset, vs paper cifar10" in compared
+    assert "-42.68" in compared or "−42.68" in compared
