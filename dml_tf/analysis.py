@@ -415,7 +415,7 @@ def analyze_runs(model_dirs, out_dir=None, **options):
         config, cohort, data = train_lib.restore_cohort(model_dir)
         if data is None:
             raise UserError(f"--model_dir={model_dir} is a {config.dataset} run; the analysis "
-                            "reads image-classification data (cifar10, cifar100, digits, npz).")
+                            "reads in-memory images (cifar10, cifar100, digits, npz, market1501).")
         print(f"Analysing {model_dir} ({config.method}, {','.join(config.nets)}) ...")
         result = {"run": name, "model_dir": os.path.abspath(model_dir),
                   "dataset": config.dataset, "method": config.method, "nets": list(config.nets)}

@@ -9,6 +9,7 @@ concatenates the peers' normalised features (paper Fig. 3b).
 import numpy as np
 import tensorflow as tf
 
+from dml_tf import data as data_lib
 from dml_tf import tasks
 from dml_tf.data import market1501
 from dml_tf.errors import UserError
@@ -141,6 +142,27 @@ class ReidTask:
         del error
         for split in self.splits.values():
             market1501.check_images(split.paths)
+
+    def as_image_data(self, max_train=2000, max_test=1000, seed=0):
+        """A seeded subset as an ImageData, for the analysis of a trained cohort (paper Sec. 4.8,
+        Fig. 5): training crops with their class labels, and query crops labelled by identity
+        (the t-SNE colours). Images are decoded and resized to the network input; mean and std
+        127.5 make the classification pipeline's normalisation equal to this task's [−1, 1].
+        """
+        rng = np.random.default_rng(seed)
+
+        def load(paths, labels, limit):
+            keep = np.sort(rng.choice(len(paths), size=min(limit, len(paths)), replace=False))
+            images = [tf.cast(tf.round(tf.image.resize(market1501.decode(p), self.image_size)),
+                              tf.uint8).numpy() for p in paths[keep]]
+            return np.stack(images), np.asarray(labels, np.int64)[keep]
+
+        labelled = self.labels >= 0
+        x_train, y_train = load(self.train_paths[labelled], self.labels[labelled], max_train)
+        x_test, y_test = load(self.splits["query"].paths, self.splits["query"].pids, max_test)
+        return data_lib.ImageData(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                                  num_classes=self.num_classes, mean=(127.5,) * 3,
+                                  std=(127.5,) * 3, name="market1501", horizontal_flip=True)
 
     def split_validation(self, fraction, seed):
         raise UserError("Methods that estimate on a validation split (kdcl_general) run on the "

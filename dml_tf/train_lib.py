@@ -112,11 +112,15 @@ def restore_cohort(model_dir, data=None):
       data: the ImageData, where the run's dataset cannot be loaded from its config.
 
     Returns:
-      (config, cohort, data): data is the run's ImageData (classification runs).
+      (config, cohort, data): data is an ImageData of the run's images as its networks see
+      them (classification: the dataset itself; Market-1501: a seeded subset, see
+      ReidTask.as_image_data).
     """
     config = load_config(model_dir)
     task = tasks.ClassificationTask(data) if data is not None else tasks.make(config)
     data = getattr(task, "data", None)
+    if data is None and hasattr(task, "as_image_data"):
+        data = task.as_image_data(seed=config.seed)
     steps_per_epoch = max(1, task.num_train // config.batch_size)
     cohort = build_cohort(config, task.num_classes, task.input_shape, steps_per_epoch)
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))

@@ -91,3 +91,18 @@ def test_corrupt_jpeg_is_named(tmp_path):
     with pytest.raises(UserError, match=victim.name):
         train_lib.train_and_evaluate(_config(tmp_path / "run", root, export=False))
     shutil.rmtree(root)
+
+
+def test_analysis_of_a_market_run(market_dir, tmp_path):
+    import json as json_lib
+    from dml_tf import analysis
+    run = tmp_path / "run"
+    train_lib.train_and_evaluate(_config(run, market_dir, export=False))
+    _, _, data = train_lib.restore_cohort(str(run))
+    # Training crops with their class labels; queries labelled by identity (t-SNE colours).
+    assert data.x_train.shape == (7, 32, 32, 3) and set(data.y_train) <= {0, 1, 2}
+    assert sorted(data.y_test) == [3, 5]
+    analysis.analyze_runs([str(run)], sigmas=(0.0, 0.01), draws=1, noise_samples=0,
+                          tsne_samples=0)
+    result = json_lib.loads((run / "analysis.json").read_text())
+    assert 0.0 <= result["peers"]["peer1"]["entropy"] <= np.log(3) + 1e-6
