@@ -182,3 +182,22 @@ def test_bad_input_is_one_sentence_and_exit_2(args, words, tmp_path):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and words in errors[0]
+
+
+def test_teacher_of_another_architecture_is_refused(npz, tmp_path):
+    train_lib.train_and_evaluate(_config(tmp_path / "teacher", npz, method="independent"))
+    with pytest.raises(UserError, match="--teacher_checkpoint"):
+        train_lib.train_and_evaluate(_config(tmp_path / "kd", npz, method="kd",
+                                             nets=("resnet32", "tiny"),
+                                             teacher_checkpoint=str(tmp_path / "teacher")))
+
+
+def test_batch_the_replicas_do_not_divide_is_refused():
+    from dml_tf import distribute
+
+    class ThreeReplicas:
+        num_replicas_in_sync = 3
+
+    assert distribute.replica_batch_size(12, ThreeReplicas()) == 4
+    with pytest.raises(UserError, match="--batch_size=64 must be divisible by the 3 replicas"):
+        distribute.replica_batch_size(64, ThreeReplicas())
