@@ -1,5 +1,7 @@
 """Base class of the methods: logits in, one dict of losses per peer out."""
 
+import math
+
 import tensorflow as tf
 
 from dml_tf import losses
@@ -63,6 +65,24 @@ class Method:
             terms["total"] = tf.add_n(list(terms.values()))
             out.append(terms)
         return out
+
+
+def hyperparameter(value, name, what, valid):
+    """float(value) if it is a finite number passing `valid`, else a UserError naming it.
+
+    Args:
+      value: what --method_args gave (a number, or a string that did not parse as one).
+      name: the hyperparameter's name, e.g. "temperature".
+      what: the rule in words for the message, e.g. "a positive number".
+      valid: predicate on the float.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not math.isfinite(number) or not valid(number):
+        raise UserError(f"--method_args {name} must be {what}, got {value!r}.")
+    return number
 
 
 def peer_probabilities(logits):

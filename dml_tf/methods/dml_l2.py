@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from dml_tf.errors import UserError
+from dml_tf.methods import base
 from dml_tf.methods import dml
 
 
@@ -44,9 +44,7 @@ class DMLFeatureL2(dml.DML):
           label_smoothing: ε of the cross-entropy targets.
         """
         super().__init__(label_smoothing=label_smoothing)
-        if not gamma >= 0:
-            raise UserError(f"--method_args gamma must be non-negative, got {gamma}.")
-        self.gamma = float(gamma)
+        self.gamma = base.hyperparameter(gamma, "gamma", "a number >= 0", lambda v: v >= 0)
 
     def losses(self, logits, labels, *, label_mask=None, features=None):
         """Per-peer {"ce", "mimicry", "feature_l2", "total"}; args as `base.Method.losses`.

@@ -6,7 +6,6 @@ compared.
 """
 
 from dml_tf import losses
-from dml_tf.errors import UserError
 from dml_tf.methods import base
 
 
@@ -41,9 +40,7 @@ class EntropyRegularised(base.Method):
           label_smoothing: ε of the cross-entropy targets.
         """
         super().__init__(label_smoothing=label_smoothing)
-        if not beta >= 0:
-            raise UserError(f"--method_args beta must be non-negative, got {beta}.")
-        self.beta = float(beta)
+        self.beta = base.hyperparameter(beta, "beta", "a number >= 0", lambda v: v >= 0)
 
     def losses(self, logits, labels, *, label_mask=None, features=None):
         """Per-peer {"ce", "entropy", "total"}; args as `base.Method.losses`.

@@ -7,7 +7,6 @@ then frozen, and Net 2 learns from its posteriors.
 import tensorflow as tf
 
 from dml_tf import losses
-from dml_tf.errors import UserError
 from dml_tf.methods import base
 
 
@@ -40,9 +39,8 @@ class Distillation(base.Method):
           label_smoothing: ε of the students' (and the reported teacher's) cross-entropy.
         """
         super().__init__(label_smoothing=label_smoothing)
-        if not temperature > 0:
-            raise UserError(f"--method_args temperature must be positive, got {temperature}.")
-        self.temperature = float(temperature)
+        self.temperature = base.hyperparameter(temperature, "temperature", "a positive number",
+                                               lambda v: v > 0)
 
     def losses(self, logits, labels, *, label_mask=None, features=None):
         """Per-peer losses: the teacher's {"ce", "total"}, the students' {"ce", "mimicry", "total"}.

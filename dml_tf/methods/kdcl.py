@@ -68,17 +68,6 @@ def _per_peer_ce(stacked, onehot, weights):
     return tf.linalg.matvec(per_example, weights)
 
 
-def _number(value, name, what, valid):
-    """float(value) if it is finite and valid, else a UserError naming the hyperparameter."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if isinstance(value, bool) or not np.isfinite(number) or not valid(number):
-        raise UserError(f"--method_args {name} must be {what}, got {value!r}.")
-    return number
-
-
 class _KDCL(base.Method, abc.ABC):
     """Shared loss of the KDCL methods; subclasses build the teacher logits."""
 
@@ -91,8 +80,8 @@ class _KDCL(base.Method, abc.ABC):
           label_smoothing: ε of the peers' cross-entropy targets.
         """
         super().__init__(label_smoothing=label_smoothing)
-        self.temperature = _number(temperature, "temperature", "a positive number", lambda v: v > 0)
-        self.weight = _number(weight, "weight", "a number >= 0", lambda v: v >= 0)
+        self.temperature = base.hyperparameter(temperature, "temperature", "a positive number", lambda v: v > 0)
+        self.weight = base.hyperparameter(weight, "weight", "a number >= 0", lambda v: v >= 0)
 
     @abc.abstractmethod
     def teacher(self, logits, labels, *, label_mask=None):
