@@ -4,6 +4,7 @@ import os
 import random
 import socket
 import tempfile
+import threading
 import time
 
 import hypothesis
@@ -282,13 +283,20 @@ def test_tfds_without_network_never_downloads(tmp_path, monkeypatch):
 
 
 def test_probe_is_bounded_when_resolution_hangs(monkeypatch):
+    released = threading.Event()
+
     def hang(*args, **kwargs):
-        time.sleep(30)
+        # A resolver that hangs, then fails as a real one would once released.
+        released.wait(30)
+        raise OSError("name resolution timed out")
 
     monkeypatch.setattr(socket, "create_connection", hang)
     start = time.monotonic()
-    assert cifar._reachable([("example.invalid", 443)] * 2, timeout=0.3) == [False, False]
-    assert time.monotonic() - start < 2
+    try:
+        assert cifar._reachable([("example.invalid", 443)] * 2, timeout=0.3) == [False, False]
+        assert time.monotonic() - start < 2
+    finally:
+        released.set()
 
 
 def test_probe_sees_a_listening_host(closed_port):

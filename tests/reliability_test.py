@@ -1,7 +1,6 @@
 """Interruption, divergence and a reused model_dir never cost a run (issue: reliability)."""
 
 import dataclasses
-import glob
 import os
 import signal
 import subprocess
@@ -47,7 +46,9 @@ def _weights(model_dir):
 def _wait_for_checkpoint(model_dir, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.index")):
+        # The state file, not the data files: CheckpointManager names a checkpoint in
+        # `checkpoints/checkpoint` only once it is complete, and resume reads that name.
+        if tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")):
             return
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before its first checkpoint: {proc.stderr.read()[-2000:]}")
