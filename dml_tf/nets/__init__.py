@@ -3,15 +3,16 @@
 Every network is a functional keras.Model from float32 images (already normalised by
 the data pipeline) to logits, with its last pooling layer named "features" so that
 ``keras.Model(m.inputs, m.get_layer("features").output)`` gives the embedding used for
-re-identification. Adding a network = one file with a builder
-``fn(num_classes, input_shape, *, name=..., **options)`` + one line in `_BUILDERS`.
+re-identification, and its classifier a float32 Dense layer named "logits". Adding a
+network = one file with a builder ``fn(num_classes, input_shape, *, name=..., **options)``
++ one line in `_BUILDERS`.
 """
 
 import inspect
 
 from dml_tf.errors import UserError
 from dml_tf.nets import inception_v1, mobilenet, resnet_cifar, tiny, wide_resnet
-from dml_tf.nets import mobilenet_v2, resnet_imagenet
+from dml_tf.nets import fused_batch_norm, mobilenet_v2, resnet_imagenet
 
 _BUILDERS = {
     "resnet32": resnet_cifar.resnet32,
@@ -55,7 +56,10 @@ def build(name, /, num_classes, input_shape=(32, 32, 3), **kw):
 
     Returns:
         A keras.Model mapping float32 images [batch, *input_shape] to logits
-        [batch, num_classes] (no softmax).
+        [batch, num_classes] (no softmax). Its layers follow Keras' global dtype
+        policy (`dml_tf.precision`) except the "logits" layer, always float32 (Keras'
+        advice for the last layer under mixed precision); its BatchNormalization layers
+        compute with TensorFlow's fused kernel (`fused_batch_norm`).
 
     Raises:
         UserError: for an unknown network or option, a bad class count or input shape.
@@ -82,4 +86,5 @@ def build(name, /, num_classes, input_shape=(32, 32, 3), **kw):
     model_name = kw.pop("name", None) or name
     if not isinstance(model_name, str) or "/" in model_name:
         raise UserError(f"Model name must be a string without '/', got {model_name!r}.")
-    return builder(num_classes, shape, name=model_name, **kw)
+    # TensorFlow's fused BatchNormalization kernel: the same numbers, much faster steps.
+    return fused_batch_norm.fuse(builder(num_classes, shape, name=model_name, **kw))

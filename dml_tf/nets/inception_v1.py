@@ -123,5 +123,5 @@ def inception_v1(num_classes, input_shape, *, dropout=0.2, branch2_kernel=5,
     x = layers.GlobalAveragePooling2D(name="features")(x)
     if dropout:
         x = layers.Dropout(dropout, name="dropout")(x)
-    logits = layers.Dense(num_classes, name="logits")(x)
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)

@@ -134,5 +134,5 @@ def mobilenet(num_classes, input_shape, *, dropout=1e-3, weights=None, name="mob
     x = layers.GlobalAveragePooling2D(name="features")(x)
     if dropout:
         x = layers.Dropout(dropout, name="dropout")(x)
-    logits = layers.Dense(num_classes, name="logits")(x)
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)

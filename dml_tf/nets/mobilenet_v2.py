@@ -115,7 +115,7 @@ def _mobilenet_v2(num_classes, input_shape, *, alpha, weights, name):
         inputs = keras.Input(shape=input_shape, name="images")
         x = _small_input_base(inputs, alpha)
     x = layers.GlobalAveragePooling2D(name="features")(x)
-    logits = layers.Dense(num_classes, name="logits")(x)
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
 
 

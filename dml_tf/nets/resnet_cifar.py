@@ -128,7 +128,7 @@ def resnet_cifar(num_classes, input_shape, *, depth=32, shortcut="A", name="resn
             stride = 2 if stage > 1 and block == 1 else 1
             x = _basic_block(x, filters, stride, shortcut, f"stage{stage}_block{block}")
     x = layers.GlobalAveragePooling2D(name="features")(x)
-    logits = layers.Dense(num_classes, name="logits")(x)
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
 
 

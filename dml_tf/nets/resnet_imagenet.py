@@ -118,7 +118,7 @@ def resnet18(num_classes, input_shape, *, weights=None, name="resnet18"):
             stride = 2 if stage > 2 and block == 1 else 1
             x = _basic_block(x, filters, stride, f"conv{stage}_block{block}")
     x = layers.GlobalAveragePooling2D(name="features")(x)
-    logits = layers.Dense(num_classes, name="logits")(x)
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
     model = keras.Model(inputs, logits, name=name)
     if weights is not None:
         model.load_weights(weights)
@@ -159,5 +159,5 @@ def resnet50(num_classes, input_shape, *, weights=None, name="resnet50"):
         raise UserError("Could not download the ImageNet ResNet50 weights; connect to the "
                         "network or pass weights=<path to resnet50 ..._notop.h5>.") from e
     x = layers.GlobalAveragePooling2D(name="features")(base.output)
-    logits = layers.Dense(num_classes, name="logits")(x)
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(base.input, logits, name=name)

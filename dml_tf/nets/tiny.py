@@ -30,5 +30,5 @@ def tiny(num_classes, input_shape, *, name="tiny"):
                       name="conv2")(x)
     x = layers.ReLU(name="conv2_relu")(x)
     x = layers.GlobalAveragePooling2D(name="features")(x)
-    logits = layers.Dense(num_classes, name="logits")(x)
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)

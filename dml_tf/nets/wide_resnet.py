@@ -92,7 +92,7 @@ def wide_resnet(num_classes, input_shape, *, depth=28, width=10, dropout=0.0,
     x = layers.BatchNormalization(**_BN, name="final_bn")(x)
     x = layers.ReLU(name="final_relu")(x)
     x = layers.GlobalAveragePooling2D(name="features")(x)
-    logits = layers.Dense(num_classes, name="logits")(x)
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
 
 
