@@ -188,13 +188,19 @@ class Cohort:
                                   features=features if self._uses_features else None)
 
     def _objective(self, k, peer_losses):
+        """(what peer k's gradients are taken of, its weight-decay term).
+
+        The former goes through the optimiser's `scale_loss`, as Keras' own train step
+        does: the identity, except for a `LossScaleOptimizer` (mixed_float16), which
+        multiplies by its dynamic scale and divides the gradients again when applying them.
+        """
         penalty = losses.l2_weight_penalty(self.models[k].trainable_variables, self.weight_decay)
         objective = peer_losses["total"] + penalty
         if self.distributed:
             # Each replica's loss is a mean over its share of the global batch; the optimiser
             # sums the replicas' gradients, so 1/replicas makes them the global mean's.
             objective = objective / float(self.strategy.num_replicas_in_sync)
-        return objective, penalty
+        return self.optimizers[k].scale_loss(objective), penalty
 
     def _apply(self, k, objective, tape):
         variables = self.models[k].trainable_variables

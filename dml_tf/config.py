@@ -10,7 +10,7 @@ import sys
 
 from absl import flags
 
-from dml_tf import cohort, distribute, methods, nets, schedules
+from dml_tf import cohort, distribute, methods, nets, precision, schedules
 from dml_tf.errors import UserError
 
 
@@ -67,6 +67,9 @@ class Config:
     eval_every_epochs: int = 1
     export: bool = True
     jit_compile: bool = False
+    precision: str = "float32"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
     deterministic: bool = False
     on_nan: str = "stop"
     overwrite: bool = False
@@ -153,8 +156,17 @@ def define_flags(flag_values=flags.FLAGS):
                          flag_values=f)
     flags.DEFINE_bool("export", d.export, "Write SavedModels to model_dir/export/peer{k} and "
                       "export/ensemble at the end.", flag_values=f)
-    flags.DEFINE_bool("jit_compile", d.jit_compile, "Compile the cohort step with XLA.",
+    flags.DEFINE_bool("jit_compile", d.jit_compile, "Compile the cohort step with XLA. Off by "
+                      "default: on the CPU it measured slower (bench/RESULTS.md); try it on GPUs.",
                       flag_values=f)
+    flags.DEFINE_enum("precision", d.precision, list(precision.PRECISIONS),
+                      "float32; mixed_bfloat16: layers in bfloat16, variables, logits, softmax "
+                      "and losses in float32 (CPUs with AVX-512 BF16/AMX, TPUs); mixed_float16: "
+                      "the same in float16 with dynamic loss scaling (GPUs).", flag_values=f)
+    flags.DEFINE_integer("intra_op_threads", d.intra_op_threads, "Threads inside one op (0: "
+                         "TensorFlow's choice, one per core).", flag_values=f)
+    flags.DEFINE_integer("inter_op_threads", d.inter_op_threads, "Ops run at once, e.g. the "
+                         "peers' forward passes (0: TensorFlow's choice).", flag_values=f)
     flags.DEFINE_bool("deterministic", d.deterministic, "TensorFlow op determinism: with the seeded "
                       "data order and augmentation, a resumed run ends with the weights of an "
                       "uninterrupted one (slower on GPUs).", flag_values=f)
@@ -261,6 +273,10 @@ def validate(config):
     if config.checkpoint_every_steps < 0:
         raise UserError(f"--checkpoint_every_steps must be 0 or positive, got "
                         f"{config.checkpoint_every_steps}.")
+    for name in ("intra_op_threads", "inter_op_threads"):
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name} must be 0 (TensorFlow's choice) or positive, got "
+                            f"{getattr(config, name)}.")
     if config.weight_decay < 0:
         raise UserError(f"--weight_decay must be non-negative, got {config.weight_decay}.")
     methods.get(config.method, **dict(config.method_args)).check_cohort_size(len(config.nets))

@@ -22,12 +22,13 @@ import tensorflow as tf
 
 from dml_tf import cohort as cohort_lib
 from dml_tf import config as config_lib
-from dml_tf import distribute, export, imagenet_task, methods, nets, reid_task, schedules, tasks  # noqa: F401 (the *_task modules register their datasets)
+from dml_tf import distribute, export, imagenet_task, methods, nets, precision, reid_task, schedules, tasks  # noqa: F401 (the *_task modules register their datasets)
 from dml_tf.errors import UserError
 
 # Config fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = ("epochs", "eval_every_epochs", "export", "steps_per_epoch", "eval_batch_size",
                       "data_dir", "tfds_data_dir", "model_dir", "jit_compile", "train_steps",
+                      "intra_op_threads", "inter_op_threads",
                       "overwrite", "deterministic", "on_nan", "checkpoint_every_steps",
                       "teacher_checkpoint")
 
@@ -59,15 +60,15 @@ def build_cohort(config, num_classes, input_shape, steps_per_epoch, strategy=Non
                                  steps_per_epoch=steps_per_epoch)
     models, optimizers = [], []
     scope = strategy.scope() if strategy else contextlib.nullcontext()
-    with scope:
+    with scope, precision.policy(config.precision):
         for k, name in enumerate(config.nets, start=1):
             with tf.device(devices[k - 1]) if per_device else contextlib.nullcontext():
                 models.append(nets.build(name, num_classes, input_shape, name=f"peer{k}",
                                          **net_args))
-                optimizers.append(schedules.optimizer(
+                optimizers.append(precision.wrap_optimizer(schedules.optimizer(
                     config.optimizer, lr, momentum=config.momentum, nesterov=config.nesterov,
                     beta_1=config.adam_beta1, beta_2=config.adam_beta2, epsilon=config.epsilon,
-                    rho=config.rmsprop_decay))
+                    rho=config.rmsprop_decay), config.precision))
     method = methods.get(config.method, **dict(config.method_args))
     # The paper's distributed DML: peers on separate devices update simultaneously.
     update = "simultaneous" if per_device else config.update
@@ -225,6 +226,24 @@ def _check_finite(step_metrics, num_peers, step, model_dir, on_nan):
                 f"(or --on_nan=skip to drop such updates).")
 
 
+def _set_threads(config):
+    """Applies --intra_op_threads / --inter_op_threads (0 leaves TensorFlow's choice)."""
+    threading_config = tf.config.threading
+    for name, get, put in (
+            ("intra_op_threads", threading_config.get_intra_op_parallelism_threads,
+             threading_config.set_intra_op_parallelism_threads),
+            ("inter_op_threads", threading_config.get_inter_op_parallelism_threads,
+             threading_config.set_inter_op_parallelism_threads)):
+        wanted = getattr(config, name)
+        if wanted and get() != wanted:
+            try:
+                put(wanted)
+            except RuntimeError as e:  # TensorFlow fixes its thread pools at its first op.
+                raise UserError(f"--{name}={wanted} cannot be applied: TensorFlow already "
+                                "started in this process; set it in a fresh process (a run "
+                                "script sets it first).") from e
+
+
 def train_and_evaluate(config):
     """Trains the cohort of `config`, evaluates it, writes everything to config.model_dir.
 
@@ -245,6 +264,7 @@ def train_cohort(config, task=None):
     Returns:
       (cohort, final metrics).
     """
+    _set_threads(config)
     os.makedirs(config.model_dir, exist_ok=True)
     _check_model_dir(config)
     keras.utils.set_random_seed(config.seed)
