@@ -37,6 +37,8 @@ flags.DEFINE_float("learning_rate", 0.02, "Initial SGD (Nesterov 0.9) learning r
                    "them recovering from the first steps' blow-up).")
 flags.DEFINE_float("decay_at", 0.75, "Fraction of the epochs after which lr drops x0.1.")
 flags.DEFINE_list("methods", ["independent", "dml"], "Methods to compare.")
+flags.DEFINE_list("precisions", ["float32"], "--precision of each run (every method is run "
+                  "in each), e.g. float32,mixed_bfloat16.")
 flags.DEFINE_string("nets", "resnet32,resnet32", "The cohort.")
 flags.DEFINE_string("update", "sequential", "Update order.")
 flags.DEFINE_string("out_dir", "/tmp/dml_tf_bench_cifar10_subset", "Where the runs go.")
@@ -71,7 +73,7 @@ def main(argv):
         sys.exit(f"error: {FLAGS.npz} not found; pass --npz at cifar10_subset_train4000_test1000.npz.")
     data = load_subset(FLAGS.npz)
     rows = []
-    for method in FLAGS.methods:
+    for method, precision in [(m, p) for m in FLAGS.methods for p in FLAGS.precisions]:
         cfg = config_lib.Config(
             # dataset "npz" at the file: `python -m dml_tf.analysis` can restore these runs.
             dataset="npz", data_dir=os.path.abspath(FLAGS.npz), nets=config_lib.parse_nets(FLAGS.nets), method=method,
@@ -82,10 +84,13 @@ def main(argv):
             # KDCL's second ingredient: each peer sees its own augmentation of the batch.
             per_peer_augmentation=method.startswith("kdcl"),
             teacher_checkpoint=FLAGS.teacher_checkpoint if method == "kd" else None,
-            model_dir=os.path.join(FLAGS.out_dir, f"{method}_seed{FLAGS.seed}"))
+            precision=precision,
+            model_dir=os.path.join(FLAGS.out_dir, f"{method}_{precision}_seed{FLAGS.seed}"
+                                   if precision != "float32" else f"{method}_seed{FLAGS.seed}"))
         started = time.time()
         cohort, results = train_lib.train_cohort(cfg, tasks.ClassificationTask(data))
-        rows.append((method, results, train_entropy(cohort, data), time.time() - started))
+        name = method if precision == "float32" else f"{method} ({precision})"
+        rows.append((name, results, train_entropy(cohort, data), time.time() - started))
     k = len(config_lib.parse_nets(FLAGS.nets))
     header = ["method"] + [f"peer{i} top1" for i in range(1, k + 1)] + ["ensemble top1"] + [
         f"peer{i} entropy" for i in range(1, k + 1)] + ["minutes"]
