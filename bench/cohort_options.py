@@ -19,6 +19,8 @@ flags.DEFINE_integer("rounds", 3, "Alternating rounds (one process per option ea
 flags.DEFINE_integer("steps", 20, "Timed steps per process, after the warm-up.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, XLA compilation).")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_list("only", None, "Time only the options whose names start with one of these "
+                  "(the default is always timed, as the reference).")
 flags.DEFINE_string("worker", None, "Internal: the option to time in this process.")
 FLAGS = flags.FLAGS
 
@@ -26,6 +28,8 @@ FLAGS = flags.FLAGS
 OPTIONS = {
     "default (float32, fused BN, TF threads, oneDNN on)": ({}, {}, (0, 0)),
     "--precision=mixed_bfloat16": ({}, {"precision": "mixed_bfloat16"}, (0, 0)),
+    "--precision=mixed_bfloat16, Keras' unfused BatchNormalization": (
+        {}, {"precision": "mixed_bfloat16", "fused": False}, (0, 0)),
     "--jit_compile (XLA)": ({}, {"jit_compile": True}, (0, 0)),
     "Keras' unfused BatchNormalization": ({}, {"fused": False}, (0, 0)),
     "TF_ENABLE_ONEDNN_OPTS=0": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, {}, (0, 0)),
@@ -57,10 +61,12 @@ def main(argv):
     if FLAGS.worker:
         print(json.dumps({"images_per_s": time_option(FLAGS.worker)}))
         return
+    names = [name for name in OPTIONS if name == DEFAULT or not FLAGS.only
+             or any(name.startswith(prefix) for prefix in FLAGS.only)]
     args = [f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--batch_size={FLAGS.batch_size}"]
     rates = timing.alternate(
         lambda name: timing.run_worker(__file__, [f"--worker={name}", *args], OPTIONS[name][0])[
-            "images_per_s"], list(OPTIONS), FLAGS.rounds,
+            "images_per_s"], names, FLAGS.rounds,
         log=lambda i, last: print(f"round {i + 1}: " + ", ".join(
             f"{n.split(' ')[0]} {r:.0f}" for n, r in last.items()), file=sys.stderr))
     base = timing.median(rates[DEFAULT])

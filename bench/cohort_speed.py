@@ -15,6 +15,8 @@ flags.DEFINE_integer("repeats", 5, "Alternating timing rounds per variant (media
 flags.DEFINE_integer("steps", 10, "Timed steps per round.")
 flags.DEFINE_integer("max_peers", 5, "Largest cohort.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_integer("intra_op_threads", 0, "As the run scripts' flag (0: TensorFlow's choice).")
+flags.DEFINE_integer("inter_op_threads", 0, "As the run scripts' flag (0: TensorFlow's choice).")
 FLAGS = flags.FLAGS
 
 
@@ -54,6 +56,12 @@ def compare(variants, batches_for):
 
 def main(argv):
     del argv
+    import tensorflow as tf
+
+    if FLAGS.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
+    if FLAGS.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
     b = FLAGS.batch_size
     rows = []
     memory = timing.in_memory_batches(b)
@@ -80,8 +88,11 @@ def main(argv):
                 lambda name: streams[name])
     rows.append(("input pipeline: images/s through tf.data / in memory", t["memory"] / t["pipeline"],
                  ">= 0.95", f"{b / t['pipeline']:.0f} vs {b / t['memory']:.0f} img/s"))
+    threads = (tf.config.threading.get_intra_op_parallelism_threads(),
+               tf.config.threading.get_inter_op_parallelism_threads())
     print(f"\nResNet-32 peers, CIFAR-100 shapes, batch {b}, SGD Nesterov, {timing.machine()}, "
-          f"median of {FLAGS.repeats} alternating rounds x {FLAGS.steps} steps")
+          f"intra/inter-op threads {threads} (0: TensorFlow's choice), median of "
+          f"{FLAGS.repeats} alternating rounds x {FLAGS.steps} steps")
     print("| measure | ratio | target | detail |\n|---|---|---|---|")
     for name, ratio, target, detail in rows:
         print(f"| {name} | {ratio:.3f} | {target} | {detail} |")

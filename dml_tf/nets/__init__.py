@@ -86,5 +86,5 @@ def build(name, /, num_classes, input_shape=(32, 32, 3), **kw):
     model_name = kw.pop("name", None) or name
     if not isinstance(model_name, str) or "/" in model_name:
         raise UserError(f"Model name must be a string without '/', got {model_name!r}.")
-    # TensorFlow's fused BatchNormalization kernel: the same numbers, much faster steps.
+    # TensorFlow's fused BatchNormalization kernel: the same numbers, faster steps.
     return fused_batch_norm.fuse(builder(num_classes, shape, name=model_name, **kw))
