@@ -5,6 +5,7 @@ machine noise hits both) for ResNet-32 peers on CIFAR shapes, batch 64, SGD Nest
 through dml_tf's public API:
 
   .venv/bin/python bench/cohort_speed.py [--repeats=5] [--steps=10] [--max_peers=5]
+      [--parts=mimicry,orders,size,pipeline]
 """
 
 
@@ -14,6 +15,8 @@ from absl import app, flags
 flags.DEFINE_integer("repeats", 5, "Alternating timing rounds per variant (median reported).")
 flags.DEFINE_integer("steps", 10, "Timed steps per round.")
 flags.DEFINE_integer("max_peers", 5, "Largest cohort.")
+flags.DEFINE_list("parts", ["mimicry", "orders", "size", "pipeline"],
+                  "What to measure: mimicry overhead, update orders, cohort size, input pipeline.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_integer("intra_op_threads", 0, "As the run scripts' flag (0: TensorFlow's choice).")
 flags.DEFINE_integer("inter_op_threads", 0, "As the run scripts' flag (0: TensorFlow's choice).")
@@ -65,29 +68,37 @@ def main(argv):
     b = FLAGS.batch_size
     rows = []
     memory = timing.in_memory_batches(b)
-    t = compare({"dml": lambda: make_cohort(2, "dml", "simultaneous"),
-                 "independent": lambda: make_cohort(2, "independent", "simultaneous")},
-                lambda name: memory)
-    rows.append(("mimicry overhead, K=2 simultaneous: dml / independent", t["dml"] / t["independent"],
-                 "<= 1.05", f"{t['dml'] * 1e3:.0f} vs {t['independent'] * 1e3:.0f} ms"))
-    base = None
-    for k in range(2, FLAGS.max_peers + 1):
-        t = compare({"sequential": lambda k=k: make_cohort(k, "dml", "sequential"),
-                     "simultaneous": lambda k=k: make_cohort(k, "dml", "simultaneous")},
+    if "mimicry" in FLAGS.parts:
+        t = compare({"dml": lambda: make_cohort(2, "dml", "simultaneous"),
+                     "independent": lambda: make_cohort(2, "independent", "simultaneous")},
                     lambda name: memory)
-        rows.append((f"update orders, K={k}: sequential / simultaneous",
-                     t["sequential"] / t["simultaneous"], "<= 1.4 (K=2)",
-                     f"{t['sequential'] * 1e3:.0f} vs {t['simultaneous'] * 1e3:.0f} ms"))
-        per_peer = t["simultaneous"] / k
-        base = base or per_peer
-        rows.append((f"cohort size, K={k}: step per peer / K=2's", per_peer / base, "<= 1.10",
-                     f"{per_peer * 1e3:.0f} ms per peer"))
-    streams = {"pipeline": real_pipeline(b), "memory": memory}
-    t = compare({"pipeline": lambda: make_cohort(2, "dml", "simultaneous"),
-                 "memory": lambda: make_cohort(2, "dml", "simultaneous")},
-                lambda name: streams[name])
-    rows.append(("input pipeline: images/s through tf.data / in memory", t["memory"] / t["pipeline"],
-                 ">= 0.95", f"{b / t['pipeline']:.0f} vs {b / t['memory']:.0f} img/s"))
+        rows.append(("mimicry overhead, K=2 simultaneous: dml / independent",
+                     t["dml"] / t["independent"], "<= 1.05",
+                     f"{t['dml'] * 1e3:.0f} vs {t['independent'] * 1e3:.0f} ms"))
+    if "orders" in FLAGS.parts:
+        for k in range(2, FLAGS.max_peers + 1):
+            t = compare({"sequential": lambda k=k: make_cohort(k, "dml", "sequential"),
+                         "simultaneous": lambda k=k: make_cohort(k, "dml", "simultaneous")},
+                        lambda name: memory)
+            rows.append((f"update orders, K={k}: sequential / simultaneous",
+                         t["sequential"] / t["simultaneous"], "<= 1.4 (K=2)",
+                         f"{t['sequential'] * 1e3:.0f} vs {t['simultaneous'] * 1e3:.0f} ms"))
+    if "size" in FLAGS.parts:
+        # Every cohort size in the same alternating rounds, so that drifts hit all alike.
+        sizes = range(2, FLAGS.max_peers + 1)
+        t = compare({k: lambda k=k: make_cohort(k, "dml", "simultaneous") for k in sizes},
+                    lambda name: memory)
+        for k in sizes:
+            rows.append((f"cohort size, K={k}: simultaneous step per peer / K=2's",
+                         t[k] / k / (t[2] / 2), "<= 1.10", f"{t[k] / k * 1e3:.0f} ms per peer"))
+    if "pipeline" in FLAGS.parts:
+        streams = {"pipeline": real_pipeline(b), "memory": memory}
+        t = compare({"pipeline": lambda: make_cohort(2, "dml", "simultaneous"),
+                     "memory": lambda: make_cohort(2, "dml", "simultaneous")},
+                    lambda name: streams[name])
+        rows.append(("input pipeline: images/s through tf.data / in memory",
+                     t["memory"] / t["pipeline"], ">= 0.95",
+                     f"{b / t['pipeline']:.0f} vs {b / t['memory']:.0f} img/s"))
     threads = (tf.config.threading.get_intra_op_parallelism_threads(),
                tf.config.threading.get_inter_op_parallelism_threads())
     print(f"\nResNet-32 peers, CIFAR-100 shapes, batch {b}, SGD Nesterov, {timing.machine()}, "
