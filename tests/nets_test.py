@@ -238,3 +238,17 @@ def test_option_a_shortcut_survives_keras_save(tmp_path):
     loaded = keras.models.load_model(path)
     images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(loaded(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+def test_failed_weights_download_is_one_sentence_and_other_errors_pass_through():
+    def offline(**kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None")
+
+    with pytest.raises(UserError, match=r"ImageNet MobileNet weights.*weights=<path to x\.h5>"):
+        nets.mobilenet.keras_application(offline, "MobileNet", "x.h5", weights="imagenet")
+
+    def broken(**kwargs):
+        raise ValueError("input_shape must be (224, 224, 3)")
+
+    with pytest.raises(ValueError, match="input_shape"):
+        nets.mobilenet.keras_application(broken, "MobileNet", "x.h5", weights="imagenet")

@@ -95,6 +95,22 @@ def check_weights(network, weights, input_shape, min_side):
     return imagenet_size
 
 
+def keras_application(constructor, network, weights_file, **kwargs):
+    """`constructor(**kwargs)` (a keras.applications model); a failed weights download is a
+    UserError saying what to do instead.
+
+    Shared by the networks that wrap keras.applications (MobileNet, MobileNetV2, ResNet-50).
+    `weights_file` names the no-top weights file a user can pass instead.
+    """
+    try:
+        return constructor(**kwargs)
+    except Exception as e:  # Keras raises a bare Exception when the download fails.
+        if "URL fetch failure" not in str(e):
+            raise
+        raise UserError(f"Could not download the ImageNet {network} weights; connect to the "
+                        f"network or pass weights=<path to {weights_file}>.") from e
+
+
 def mobilenet(num_classes, input_shape, *, dropout=1e-3, weights=None, name="mobilenet"):
     """Builds MobileNet v1 (alpha 1.0) mapping images to logits.
 
@@ -118,15 +134,9 @@ def mobilenet(num_classes, input_shape, *, dropout=1e-3, weights=None, name="mob
         raise UserError(f"MobileNet dropout must be in [0, 1), got {dropout}.")
     imagenet_size = check_weights("MobileNet", weights, input_shape, IMAGENET_MIN_SIDE)
     if imagenet_size:
-        try:
-            base = keras.applications.MobileNet(input_shape=tuple(input_shape), alpha=1.0,
-                                                include_top=False, weights=weights)
-        except Exception as e:  # Keras raises a bare Exception when the download fails.
-            if "URL fetch failure" not in str(e):
-                raise
-            raise UserError(
-                "Could not download the ImageNet MobileNet weights; connect to the "
-                "network or pass weights=<path to mobilenet_1_0_224_tf_no_top.h5>.") from e
+        base = keras_application(
+            keras.applications.MobileNet, "MobileNet", "mobilenet_1_0_224_tf_no_top.h5",
+            input_shape=tuple(input_shape), alpha=1.0, include_top=False, weights=weights)
         inputs, x = base.input, base.output
     else:
         inputs = keras.Input(shape=input_shape, name="images")

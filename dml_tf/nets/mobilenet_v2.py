@@ -27,7 +27,6 @@ Two variants, chosen by the input size (as `mobilenet` does for v1):
 import keras
 from keras import layers
 
-from dml_tf.errors import UserError
 from dml_tf.nets import mobilenet
 
 IMAGENET_MIN_SIDE = 128
@@ -101,15 +100,9 @@ def _small_input_base(inputs, alpha):
 def _mobilenet_v2(num_classes, input_shape, *, alpha, weights, name):
     imagenet_size = mobilenet.check_weights("MobileNetV2", weights, input_shape, IMAGENET_MIN_SIDE)
     if imagenet_size:
-        try:
-            base = keras.applications.MobileNetV2(input_shape=tuple(input_shape), alpha=alpha,
-                                                  include_top=False, weights=weights)
-        except Exception as e:  # Keras raises a bare Exception when the download fails.
-            if "URL fetch failure" not in str(e):
-                raise
-            raise UserError(
-                "Could not download the ImageNet MobileNetV2 weights; connect to the network "
-                "or pass weights=<path to mobilenet_v2_..._no_top.h5>.") from e
+        base = mobilenet.keras_application(
+            keras.applications.MobileNetV2, "MobileNetV2", "mobilenet_v2_..._no_top.h5",
+            input_shape=tuple(input_shape), alpha=alpha, include_top=False, weights=weights)
         inputs, x = base.input, base.output
     else:
         inputs = keras.Input(shape=input_shape, name="images")

@@ -40,6 +40,7 @@ import keras
 from keras import layers
 
 from dml_tf.errors import UserError
+from dml_tf.nets import mobilenet
 
 IMAGENET_MIN_SIDE = 128
 KERAS_MIN_SIDE = 32
@@ -150,14 +151,9 @@ def resnet50(num_classes, input_shape, *, weights=None, name="resnet50"):
         raise UserError(f"resnet50 weights={weights!r} need 3 input channels, got {channels}.")
     if weights != "imagenet":
         _check_weights_path("resnet50", weights)
-    try:
-        base = keras.applications.ResNet50(include_top=False, weights=weights,
-                                           input_shape=tuple(input_shape))
-    except Exception as e:  # Keras raises a bare Exception when the download fails.
-        if "URL fetch failure" not in str(e):
-            raise
-        raise UserError("Could not download the ImageNet ResNet50 weights; connect to the "
-                        "network or pass weights=<path to resnet50 ..._notop.h5>.") from e
+    base = mobilenet.keras_application(
+        keras.applications.ResNet50, "ResNet50", "resnet50 ..._notop.h5",
+        include_top=False, weights=weights, input_shape=tuple(input_shape))
     x = layers.GlobalAveragePooling2D(name="features")(base.output)
     logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(base.input, logits, name=name)
