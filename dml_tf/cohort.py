@@ -11,7 +11,7 @@ import tensorflow as tf
 from dml_tf import losses
 from dml_tf.errors import UserError
 
-UPDATES = ("sequential", "simultaneous")
+from dml_tf.choices import UPDATES  # noqa: F401 (cohort.UPDATES)
 
 
 class Cohort:

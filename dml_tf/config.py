@@ -14,7 +14,7 @@ from dml_tf import cohort, distribute, methods, nets, precision, schedules
 from dml_tf.errors import UserError
 
 
-SEMI_SUPERVISED = ("none", "labelled_only", "dml_all")
+from dml_tf.choices import SEMI_SUPERVISED  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,7 @@ import tensorflow as tf
 
 from dml_tf.errors import UserError
 
-DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
-PLACEMENTS = ("replicated", "per_device")
+from dml_tf.choices import DISTRIBUTIONS, PLACEMENTS  # noqa: F401
 
 
 def make_strategy(name, devices=None):

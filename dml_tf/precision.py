@@ -18,7 +18,7 @@ import contextlib
 
 import keras
 
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+from dml_tf.choices import PRECISIONS  # noqa: F401
 
 
 @contextlib.contextmanager

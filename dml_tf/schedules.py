@@ -4,7 +4,7 @@ import keras
 
 from dml_tf.errors import UserError
 
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
+from dml_tf.choices import OPTIMIZERS  # noqa: F401
 
 
 def learning_rate(initial, *, decay_rate=1.0, decay_epochs=0.0, steps_per_epoch=1):
