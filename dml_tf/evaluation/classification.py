@@ -11,6 +11,7 @@ def top_k_accuracy(probs, labels, k):
 
 
 def mean_cross_entropy(probs, labels):
+    """Mean −log p^y of [N, M] probabilities (clipped at 1e-12: a zero would be infinite)."""
     picked = probs[np.arange(len(labels)), labels]
     return float(np.mean(-np.log(np.maximum(picked, 1e-12))))
 
@@ -33,22 +34,25 @@ def collect_probabilities(predict_fn, dataset):
 
 
 def cohort_metrics(peer_probs, labels, prefix="test"):
-    """Metrics keyed as TensorBoard tags (DESIGN.md), accuracies as fractions.
+    """Metrics keyed as TensorBoard tags (docs/design.md), accuracies as fractions.
 
-    `{prefix}/peer{k}/{top1,top5,ce}` per peer (numbered from 1), `{prefix}/mean/top1,top5`
-    (the average of the peers' accuracies) and `{prefix}/ensemble/top1,top5,ce` (the mean of
-    the peers' probabilities).
+    `{prefix}/peer{k}/{top1,top5,ce}` per peer (numbered from 1), `{prefix}/mean/...` with
+    the same names (the average of the peers' values: what a paper's per-network number
+    describes) and `{prefix}/ensemble/...` (the metrics of the mean of the peers'
+    probabilities).
     """
     metrics = {}
-    for k, probs in enumerate(peer_probs, start=1):
-        metrics[f"{prefix}/peer{k}/top1"] = top_k_accuracy(probs, labels, 1)
-        metrics[f"{prefix}/peer{k}/top5"] = top_k_accuracy(probs, labels, 5)
-        metrics[f"{prefix}/peer{k}/ce"] = mean_cross_entropy(probs, labels)
-    for name in ("top1", "top5"):
-        metrics[f"{prefix}/mean/{name}"] = float(np.mean(
-            [metrics[f"{prefix}/peer{k}/{name}"] for k in range(1, len(peer_probs) + 1)]))
-    ensemble = np.mean(peer_probs, axis=0)
-    metrics[f"{prefix}/ensemble/top1"] = top_k_accuracy(ensemble, labels, 1)
-    metrics[f"{prefix}/ensemble/top5"] = top_k_accuracy(ensemble, labels, 5)
-    metrics[f"{prefix}/ensemble/ce"] = mean_cross_entropy(ensemble, labels)
+    per_peer = [_metrics(probs, labels) for probs in peer_probs]
+    for k, values in enumerate(per_peer, start=1):
+        metrics.update({f"{prefix}/peer{k}/{name}": v for name, v in values.items()})
+    for name in per_peer[0]:
+        metrics[f"{prefix}/mean/{name}"] = float(np.mean([v[name] for v in per_peer]))
+    ensemble = _metrics(np.mean(peer_probs, axis=0), labels)
+    metrics.update({f"{prefix}/ensemble/{name}": v for name, v in ensemble.items()})
     return metrics
+
+
+def _metrics(probs, labels):
+    """top1, top5 and ce of one [N, M] array of probabilities."""
+    return {"top1": top_k_accuracy(probs, labels, 1), "top5": top_k_accuracy(probs, labels, 5),
+            "ce": mean_cross_entropy(probs, labels)}
