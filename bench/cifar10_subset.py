@@ -3,11 +3,16 @@
 Default: a ResNet-32 pair with `dml` vs `independent`; `--methods` and `--nets` choose others
 (KDCL methods run with per-peer augmentation).
 
-Uses the 4,000/1,000-image real CIFAR-10 subset of the project's shared data folder and
+Trains on a real CIFAR-10 subset of 4,000 training and 1,000 test images, an .npz file
+with uint8 `x_train` [N, 32, 32, 3], `y_train`, `x_test`, `y_test` (ours,
+`cifar10_subset_train4000_test1000.npz`: the first 4,000 images of CIFAR-10's
+`data_batch_1` and the first 1,000 of its `test_batch`, lossless), and
 prints, per method, each peer's and the ensemble's test top-1 and each peer's mean
 posterior entropy on the training set (paper Sec. 4.8: DML's is higher).
 
-  .venv/bin/python bench/cifar10_subset.py [--npz=PATH] [--epochs=8]
+  .venv/bin/python bench/cifar10_subset.py --npz=PATH [--epochs=8]
+
+--npz is required unless the environment variable DML_TF_CIFAR10_SUBSET holds the path.
 """
 
 import os
@@ -28,9 +33,9 @@ from dml_tf import tasks  # noqa: E402
 from dml_tf import losses, train_lib  # noqa: E402
 from dml_tf.data import pipeline  # noqa: E402
 
-_DEFAULT_NPZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
-                            "data", "cifar10_subset_train4000_test1000.npz")
-flags.DEFINE_string("npz", _DEFAULT_NPZ, "The CIFAR-10 subset (x_train, y_train, x_test, y_test).")
+NPZ_VARIABLE = "DML_TF_CIFAR10_SUBSET"  # the --npz default, for machines that keep the file
+flags.DEFINE_string("npz", os.environ.get(NPZ_VARIABLE), "The CIFAR-10 subset .npz (x_train, "
+                    f"y_train, x_test, y_test); default: ${NPZ_VARIABLE}.")
 flags.DEFINE_integer("epochs", 8, "Epochs per method.")
 flags.DEFINE_float("learning_rate", 0.02, "Initial SGD (Nesterov 0.9) learning rate (the paper's "
                    "0.1 is for 200 epochs; on a few epochs ResNet-32 peers at >= 0.05 spend "
@@ -69,6 +74,8 @@ def train_entropy(cohort, data):
 def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
+    if not FLAGS.npz:
+        sys.exit(f"error: pass --npz at the CIFAR-10 subset .npz (or set {NPZ_VARIABLE}).")
     if not os.path.exists(FLAGS.npz):
         sys.exit(f"error: {FLAGS.npz} not found; pass --npz at cifar10_subset_train4000_test1000.npz.")
     data = load_subset(FLAGS.npz)
