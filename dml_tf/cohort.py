@@ -11,7 +11,38 @@ import tensorflow as tf
 from dml_tf import losses
 from dml_tf.errors import UserError
 
-from dml_tf.choices import UPDATES  # noqa: F401 (cohort.UPDATES)
+from dml_tf.choices import UPDATES
+
+
+def check_arguments(num_peers, method, update):
+    """Raises UserError unless `method` runs with `num_peers` peers in the `update` order."""
+    if update not in UPDATES:
+        raise UserError(f"update={update!r} is not an update order; choose one of {', '.join(UPDATES)}.")
+    if hasattr(method, "check_cohort_size"):
+        method.check_cohort_size(num_peers)
+
+
+def input_shape(model, name=None):
+    """The input shape, batch dimension first, of a functional, Sequential or built subclassed model.
+
+    Args:
+      model: a keras.Model.
+      name: how the error message calls the model (default: by its name).
+
+    Raises:
+      UserError: the model has no input shape yet (a Sequential without `keras.Input`, a
+        subclassed model never built).
+    """
+    try:
+        return tuple(model.inputs[0].shape)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        pass
+    shape = (model.get_build_config() or {}).get("input_shape") if model.built else None
+    if shape is None or not isinstance(shape, (list, tuple)) or isinstance(shape[0], (list, tuple)):
+        raise UserError(
+            f"{name or f'model {model.name!r}'} has no input shape; start it with "
+            f"keras.Input(shape=...) or call its build((None, *shape)) before handing it over.")
+    return tuple(shape)
 
 
 class Cohort:
@@ -49,14 +80,12 @@ class Cohort:
             variables and compute on its own device, only probabilities cross devices); the
             models must have been built under those devices.
           skip_nonfinite: drop a peer's update whose loss or gradients are NaN/Inf (the step's
-            metrics then show the non-finite loss) instead of applying it.
+            metrics then show the non-finite loss) instead of applying it, and one that makes
+            a weight NaN/Inf (weights and optimizer state put back).
         """
         if len(models) != len(optimizers):
             raise ValueError(f"{len(models)} models but {len(optimizers)} optimizers.")
-        if update not in UPDATES:
-            raise UserError(f"--update={update} is not an update order; choose one of {', '.join(UPDATES)}.")
-        if hasattr(method, "check_cohort_size"):
-            method.check_cohort_size(len(models))
+        check_arguments(len(models), method, update)
         self.models = list(models)
         self.optimizers = list(optimizers)
         self.method = method
@@ -80,7 +109,7 @@ class Cohort:
                 # strategy and on the peer's device, beside the weights they update.
                 with self.strategy.scope(), self._on_device(k):
                     optimizer.build(model.trainable_variables)
-        self._image_spec = tf.TensorSpec([None, *models[0].input_shape[1:]], tf.float32)
+        self._image_spec = tf.TensorSpec([None, *input_shape(models[0])[1:]], tf.float32)
         self._compiled = {}
         self._predict_features = None
         self._predict_logits = tf.function(self._logits, input_signature=[self._image_spec],
@@ -116,11 +145,10 @@ class Cohort:
         signature = [image_spec, tf.TensorSpec([None], tf.int64)]
         if masked:
             signature.append(tf.TensorSpec([None], tf.float32))
-        body = self._sequential_step if self.update == "sequential" else self._simultaneous_step
 
         def step(images, labels, label_mask=None):
             per_peer = list(images) if views else [images] * self.num_peers
-            return body(per_peer, labels, label_mask)
+            return self.step(per_peer, labels, label_mask)
 
         if self.distributed:
             # Inputs are per-replica values from a distributed dataset: no input signature
@@ -136,6 +164,30 @@ class Cohort:
         compiled = tf.function(step, input_signature=signature, jit_compile=self.jit_compile or None)
         self._compiled[(views, masked)] = compiled
         return compiled
+
+    def step(self, images_per_peer, labels, label_mask=None):
+        """The update of the cohort's order, un-compiled: for a caller's own tf.function.
+
+        `train_step` compiles this; `dml_tf.MutualLearning.train_step` calls it inside
+        Keras' compiled train function. Arguments and result are `train_step`'s, with the
+        images always one tensor per peer.
+        """
+        body = self._sequential_step if self.update == "sequential" else self._simultaneous_step
+        return body(list(images_per_peer), labels, label_mask)
+
+    def inference_losses(self, images, labels):
+        """The peers' logits and losses in inference mode on one batch, un-compiled.
+
+        Returns:
+          (K float32 [B, M] logits, K dicts of the method's losses plus "weight_decay").
+        """
+        outputs = [self._forward(k, images, training=False) for k in range(self.num_peers)]
+        logits = [z for z, _ in outputs]
+        all_losses = self._losses(logits, [f for _, f in outputs], labels, None)
+        for model, peer_losses in zip(self.models, all_losses):
+            peer_losses["weight_decay"] = losses.l2_weight_penalty(
+                model.trainable_variables, self.weight_decay)
+        return logits, all_losses
 
     @property
     def trace_count(self):
@@ -159,6 +211,13 @@ class Cohort:
                 input_signature=[self._image_spec], jit_compile=self.jit_compile or None)
         return self._predict_features(images)
 
+    def nonfinite_peers(self):
+        """The peers (1-based) any of whose float variables, weights or BatchNorm statistics,
+        holds a NaN or Inf: a diverged run must not be reported as a success."""
+        return [k for k, model in enumerate(self.models, start=1)
+                if not all(bool(tf.reduce_all(tf.math.is_finite(v.value)))
+                           for v in model.variables if tf.as_dtype(v.dtype).is_floating)]
+
     # The step bodies below run inside tf.function.
 
     def _on_device(self, k):
@@ -174,9 +233,9 @@ class Cohort:
                 logits.append(tf.cast(model(images, training=False), tf.float32))
         return logits
 
-    def _forward(self, k, images):
+    def _forward(self, k, images, training=None):
         """(logits, features or None) of peer k; frozen peers run in inference mode."""
-        training = k not in self.frozen
+        training = k not in self.frozen if training is None else training
         with self._on_device(k):
             if self._uses_features:
                 features, logits = self._feature_models[k](images, training=training)
@@ -213,12 +272,24 @@ class Cohort:
                 return
             finite = tf.reduce_all([tf.math.is_finite(objective)] + [
                 tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+            tf.cond(finite, lambda: self._apply_unless_divergent(k, grads, variables),
+                    lambda: tf.constant(False))
 
-            def apply():
-                self.optimizers[k].apply_gradients(zip(grads, variables))
-                return tf.constant(True)
+    def _apply_unless_divergent(self, k, grads, variables):
+        """Applies finite gradients, then puts weights and optimizer state back if the update
+        itself made a weight non-finite (e.g. a huge learning rate): a divergence is dropped."""
+        optimizer = self.optimizers[k]
+        state = list(variables) + list(optimizer.variables)
+        saved = [tf.identity(v.value) for v in state]
+        optimizer.apply_gradients(zip(grads, variables))
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v.value)) for v in variables])
 
-            tf.cond(finite, apply, lambda: tf.constant(False))
+        def put_back():
+            for variable, value in zip(state, saved):
+                variable.assign(value)
+            return tf.constant(False)
+
+        return tf.cond(finite, lambda: tf.constant(True), put_back)
 
     @staticmethod
     def _report(metrics, k, peer_losses, penalty, logits_k, labels):

@@ -125,7 +125,7 @@ def test_mutual_method_needs_two_peers_and_update_is_checked():
     model = _linear_model(1, "peer1")
     with pytest.raises(UserError, match="at least 2"):
         Cohort([model], [keras.optimizers.SGD(0.1)], methods.get("dml"))
-    with pytest.raises(UserError, match="--update=sideways"):
+    with pytest.raises(UserError, match="update=.sideways."):
         Cohort([model], [keras.optimizers.SGD(0.1)], methods.get("independent"), "sideways")
 
 

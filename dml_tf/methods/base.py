@@ -33,8 +33,8 @@ class Method:
         """Raises UserError when the method cannot run with `num_peers` peers."""
         if num_peers < self.min_peers:
             raise UserError(
-                f"--method={self.name} needs at least {self.min_peers} networks in --nets, "
-                f"got {num_peers}; list more (e.g. --nets=resnet32,resnet32 or --nets=resnet32x2).")
+                f"method={self.name!r} needs at least {self.min_peers} peers, got {num_peers}; "
+                f"pass {self.min_peers} or more models in peers.")
 
     def mimicry(self, logits, k, *, features=None):
         """The mimicry term of peer k (0-based index), or None for a method without one."""
@@ -71,7 +71,7 @@ def hyperparameter(value, name, what, valid):
     """float(value) if it is a finite number passing `valid`, else a UserError naming it.
 
     Args:
-      value: what --method_args gave (a number, or a string that did not parse as one).
+      value: the argument as given (a number, or a string that did not parse as one).
       name: the hyperparameter's name, e.g. "temperature".
       what: the rule in words for the message, e.g. "a positive number".
       valid: predicate on the float.
@@ -81,7 +81,7 @@ def hyperparameter(value, name, what, valid):
     except (TypeError, ValueError):
         number = float("nan")
     if isinstance(value, bool) or not math.isfinite(number) or not valid(number):
-        raise UserError(f"--method_args {name} must be {what}, got {value!r}.")
+        raise UserError(f"method argument {name} must be {what}, got {value!r}.")
     return number
 
 
