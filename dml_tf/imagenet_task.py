@@ -50,6 +50,13 @@ class ImagenetTask:
                             "not on ImageNet.")
         return self
 
+    def diagnose(self, error):
+        """Turns a label-range failure of the records (see imagenet.checked_label) into the
+        one-sentence UserError; returns for other errors."""
+        user_error = imagenet.label_error(error)
+        if user_error is not None:
+            raise user_error from None
+
     def split_validation(self, fraction, seed):
         raise UserError("Methods that estimate on a held-out split (kdcl_general) need in-memory "
                         "data; on ImageNet pick another --method.")

@@ -5,8 +5,6 @@ ImageNet) reports top-k accuracy; re-identification (Market-1501) reports retrie
 metrics of the "features" embedding. train_lib drives any task the same way.
 """
 
-import dataclasses
-
 import numpy as np
 import tensorflow as tf
 
@@ -28,7 +26,25 @@ class ClassificationTask:
 
     headline_metrics = ("top1",)  # printed after each evaluation
 
-    def __init__(self, data):
+    def __init__(self, data, *, allow_unlabelled=False):
+        """Args:
+          data: an `ImageData` (checked when it was built: labels, image sizes, statistics).
+          allow_unlabelled: whether `data.y_train` may mark examples `UNLABELLED` (-1); only
+            the semi-supervised "dml_all" task does, whose loop masks their cross-entropy.
+            Anywhere else such a label would train silently with a cross-entropy of 0.
+        """
+        if not isinstance(data, data_lib.ImageData):
+            raise UserError(f"data must be a dml_tf.data.ImageData, got {type(data).__name__}.")
+        unlabelled = np.flatnonzero(data.y_train == data_lib.UNLABELLED)
+        if unlabelled.size and not allow_unlabelled:
+            raise UserError(f"y_train[{unlabelled[0]}] is {data_lib.UNLABELLED} (unlabelled), "
+                            f"which only the semi-supervised dml_all task trains on; give every "
+                            f"example a class in 0..{data.num_classes - 1}.")
+        height, width = data.x_train.shape[1:3]
+        if min(height, width) <= pipeline.PADDING:
+            raise UserError(f"x_train images are {height}x{width}, but the training "
+                            f"augmentation's {pipeline.PADDING}-pixel reflection padding needs "
+                            f"more than {pipeline.PADDING} pixels per side; use larger images.")
         self.data = data
         self.num_classes = data.num_classes
         self.input_shape = tuple(data.x_train.shape[1:])
@@ -56,8 +72,13 @@ class ClassificationTask:
         """A few uint8 test images to check exported SavedModels against the cohort."""
         return tf.constant(self.data.x_test[:n])
 
-    def _with_train(self, x_train, y_train):
-        return ClassificationTask(dataclasses.replace(self.data, x_train=x_train, y_train=y_train))
+    def _with_train(self, x_train, y_train, allow_unlabelled=False):
+        d = self.data
+        data = data_lib.ImageData.from_arrays(
+            x_train, y_train, d.x_test, d.y_test, name=d.name, source=None,
+            num_classes=d.num_classes, mean=d.mean, std=d.std, horizontal_flip=d.horizontal_flip,
+            allow_unlabelled=allow_unlabelled)
+        return ClassificationTask(data, allow_unlabelled=allow_unlabelled)
 
     def semi_supervised(self, mode, config):
         """The task for a semi-supervised mode (paper Sec. 3.4, 4.10).
@@ -71,12 +92,21 @@ class ClassificationTask:
         labelled = labelled_per_class(self.data.y_train, config.labelled_fraction, config.seed)
         if mode == "labelled_only":
             return self._with_train(self.data.x_train[labelled], self.data.y_train[labelled])
-        return self._with_train(self.data.x_train, np.where(labelled, self.data.y_train, -1))
+        return self._with_train(self.data.x_train,
+                                np.where(labelled, self.data.y_train, data_lib.UNLABELLED),
+                                allow_unlabelled=True)
 
     def split_validation(self, fraction, seed):
         """(task on the rest, (uint8 images, labels) held out): a seeded per-class split."""
-        held_out = labelled_per_class(self.data.y_train, fraction, seed + 1)
         d = self.data
+        held_out = labelled_per_class(d.y_train, fraction, seed + 1)
+        kept = np.bincount(d.y_train[~held_out & (d.y_train >= 0)], minlength=d.num_classes)
+        emptied = np.flatnonzero((kept == 0) & np.isin(np.arange(d.num_classes), d.y_train))
+        if emptied.size:
+            raise UserError(f"fraction={fraction} holds out every training example of class "
+                            f"{emptied[0]} (it has {int((d.y_train == emptied[0]).sum())} in "
+                            f"y_train), leaving it nothing to train on; use a smaller fraction "
+                            f"or more examples of that class.")
         return self._with_train(d.x_train[~held_out], d.y_train[~held_out]), (
             d.x_train[held_out], d.y_train[held_out])
 

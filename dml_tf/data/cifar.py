@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from dml_tf.data import ImageData, channel_stats
+from dml_tf.data import ImageData
 from dml_tf.errors import UserError
 
 HEIGHT = WIDTH = 32
@@ -239,13 +239,19 @@ def load(dataset, data_dir=None, tfds_data_dir=None):
 
     Returns:
         An `ImageData` whose mean/std come from the training images.
+
+    Raises:
+        UserError: missing or malformed files, or labels, image sizes or channels that fail
+            `ImageData.from_arrays`' checks (a test class without training images, a
+            constant channel); the message names `data_dir` or the tfds copy.
     """
     layout = _layout(dataset)
     if data_dir:
         train = load_binary(data_dir, dataset, "train")
         test = load_binary(data_dir, dataset, "test")
+        source = os.fspath(data_dir)
     else:
         train, test = load_tfds(dataset, data_dir=tfds_data_dir)
-    mean, std = channel_stats(train[0])
-    return ImageData(x_train=train[0], y_train=train[1], x_test=test[0], y_test=test[1],
-                     num_classes=layout.num_classes, mean=mean, std=std, name=dataset)
+        source = f"tensorflow-datasets {dataset} in {tfds_data_dir or 'its default data dir'}"
+    return ImageData.from_arrays(*train, *test, num_classes=layout.num_classes, name=dataset,
+                                 source=source)

@@ -7,7 +7,7 @@ repeated over 3 channels so that every CIFAR network and pipeline runs on them u
 
 import numpy as np
 
-from dml_tf.data import ImageData, channel_stats
+from dml_tf.data import ImageData
 
 SIZE = 32
 TEST_FRACTION = 0.2
@@ -41,7 +41,5 @@ def load(seed=0):
     labels = digits.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=TEST_FRACTION, random_state=seed, stratify=labels)
-    mean, std = channel_stats(x_train)
-    return ImageData(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-                     num_classes=10, mean=mean, std=std, name="digits",
-                     horizontal_flip=False)
+    return ImageData.from_arrays(x_train, y_train, x_test, y_test, num_classes=10, name="digits",
+                                 source="scikit-learn's digits", horizontal_flip=False)

@@ -238,7 +238,8 @@ def _tfds_records(source, split, shuffle_seed=None, input_context=None):
             raise
         _prepare(builder)
         ds = builder.as_dataset(**kwargs)
-    return ds.map(lambda image, label: (image, tf.cast(label, tf.int64)))
+    what = f"tensorflow-datasets {TFDS_NAME} in {builder.data_dir_root}; re-prepare it"
+    return ds.map(lambda image, label: (image, checked_label(tf.cast(label, tf.int64), what)))
 
 
 # ---------------------------------------------------------------------- TFRecords
@@ -270,19 +271,51 @@ def _tfrecord_records(source, split, shuffle_seed=None, input_context=None):
         # Fewer shards than input pipelines: split the records instead.
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     offset = source.label_offset
+    advice = (f"image/class/label minus label_offset={offset} in {source.data_dir}; "
+              f"build_imagenet_data.py labels are 1..1000 (label_offset=1), 0-based shards need "
+              f"label_offset=0")
 
     def parse(record):
         example = tf.io.parse_single_example(record, _FEATURES)
-        label = example["image/class/label"] - offset
-        in_range = tf.logical_and(label >= 0, label < NUM_CLASSES)
-        # Explicit: inside tf.data's graph functions a bare Assert need not run.
-        with tf.control_dependencies([tf.debugging.Assert(in_range, [
-                f"image/class/label minus label_offset={offset} is outside 0..{NUM_CLASSES - 1} "
-                f"in {source.data_dir}; build_imagenet_data.py labels are 1..1000 "
-                f"(label_offset=1), 0-based shards need label_offset=0. Label:", label])]):
-            return example["image/encoded"], tf.identity(label)
+        return example["image/encoded"], checked_label(example["image/class/label"] - offset,
+                                                       advice)
 
     return ds.map(parse, num_parallel_calls=AUTOTUNE)
+
+
+LABEL_RANGE_ERROR = "ImageNet label outside 0..999"
+
+
+def checked_label(label, what):
+    """`label`, after an assertion that it is a class index 0..999 (checked as it is read).
+
+    Args:
+        label: int64 scalar tensor.
+        what: where the label comes from and how to fix it, for the error message.
+
+    Returns:
+        `label`; reading it fails with an InvalidArgumentError whose message holds
+        `LABEL_RANGE_ERROR`, `what` and the label when it is out of range (see
+        `label_error`).
+    """
+    in_range = tf.logical_and(label >= 0, label < NUM_CLASSES)
+    # Explicit: inside tf.data's graph functions a bare Assert need not run.
+    with tf.control_dependencies([tf.debugging.Assert(
+            in_range, [f"{LABEL_RANGE_ERROR} ({what}). Label:", label])]):
+        return tf.identity(label)
+
+
+def label_error(error):
+    """The one-sentence UserError for a `checked_label` failure, or None for other errors.
+
+    Args:
+        error: a `tf.errors.OpError` raised while reading a pipeline.
+    """
+    match = re.search(rf"{LABEL_RANGE_ERROR} \((.*?)\)\. Label:\D*?(-?\d+)", error.message, re.S)
+    if match is None:
+        return None
+    return UserError(f"A record has label {match.group(2)}, outside ImageNet's class indices "
+                     f"0..{NUM_CLASSES - 1}: {match.group(1)}.")
 
 
 def _records(source, split, shuffle_seed=None, input_context=None):

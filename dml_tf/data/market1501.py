@@ -34,6 +34,7 @@ DATASET_FOLDER = "Market-1501-v15.09.15"
 IMAGE_SIZE = (224, 224)  # released code: Market's 128x64 boxes resized to 224x224
 JUNK = -1
 DISTRACTOR = 0
+CAMERAS = range(1, 7)  # Market-1501's six cameras, c1..c6
 # Split name -> folder. "multiquery" is optional: scan leaves it out if gt_bbox is absent.
 SPLITS = {
     "train": "bounding_box_train",
@@ -74,14 +75,19 @@ def parse_filename(name):
         distractors `0000_...` -> 0.
 
     Raises:
-        UserError: the name is not of that form; the message names the file.
+        UserError: the name is not of that form, or its camera is not one of c1..c6; the
+            message names the file.
     """
     match = _NAME.match(os.path.basename(os.fspath(name)))
     if not match:
         raise UserError(f"{os.fspath(name)} is not a Market-1501 image name like "
                         f"0002_c1s1_000451_03.jpg (identity_cCAMERAsSEQUENCE_FRAME_BOX.jpg); "
                         f"remove or rename it.")
-    return int(match.group(1)), int(match.group(2))
+    pid, camid = int(match.group(1)), int(match.group(2))
+    if camid not in CAMERAS:
+        raise UserError(f"{os.fspath(name)} names camera c{camid}, but Market-1501's cameras are "
+                        f"c1..c6; remove or rename it.")
+    return pid, camid
 
 
 def find_root(root):
@@ -123,8 +129,9 @@ def scan(root):
 
     Raises:
         UserError: `root` or a required split folder is missing, a split has no images, a
-            `.jpg` file is not named like a Market-1501 image, or bounding_box_train holds
-            junk or distractor images; each message names the path.
+            `.jpg` file is not named like a Market-1501 image, bounding_box_train or query
+            holds junk or distractor images, or no query can be scored (see
+            `_check_queries`); each message names the path.
     """
     root = find_root(root)
     splits = {}
@@ -133,12 +140,33 @@ def scan(root):
         if split in OPTIONAL_SPLITS and not os.path.exists(path):
             continue
         splits[split] = _scan_folder(path)
-    train = splits["train"]
-    bad = np.flatnonzero(train.pids <= DISTRACTOR)
-    if bad.size:
-        raise UserError(f"{train.paths[bad[0]]} is a junk (-1) or distractor (0000) image, which "
-                        f"bounding_box_train must not contain; remove it.")
+    for split in ("train", "query"):
+        bad = np.flatnonzero(splits[split].pids <= DISTRACTOR)
+        if bad.size:
+            raise UserError(f"{splits[split].paths[bad[0]]} is a junk (-1) or distractor (0000) "
+                            f"image, which {SPLITS[split]} must not contain; remove it.")
+    _check_queries(splits["query"], splits["gallery"], root)
     return splits
+
+
+def _check_queries(query, gallery, root):
+    """Refuses a query/gallery pair that the protocol cannot score at all.
+
+    The protocol (dml_tf.evaluation.reid) ignores gallery images of the query's identity
+    under the query's own camera and skips queries left without a correct match, as the
+    benchmark does; when every query is skipped, mAP and CMC are undefined (0 / 0).
+    """
+    cameras = {}
+    for pid, camid in zip(gallery.pids.tolist(), gallery.camids.tolist()):
+        cameras.setdefault(pid, set()).add(camid)
+    if not any(cameras.get(pid, set()) - {camid}
+               for pid, camid in zip(query.pids.tolist(), query.camids.tolist())):
+        raise UserError(f"No image of {os.path.join(root, SPLITS['query'])} (e.g. "
+                        f"{os.path.basename(query.paths[0])}, identity {int(query.pids[0])}) has "
+                        f"an image of its identity under another camera in "
+                        f"{os.path.join(root, SPLITS['gallery'])}, so the protocol would skip "
+                        f"every query and mAP would be undefined; both folders must come from "
+                        f"the same Market-1501 archive.")
 
 
 def relabel(pids):
