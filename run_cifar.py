@@ -4,13 +4,9 @@
   python run_cifar.py --flagfile=flags/cifar100/dml_resnet32_resnet32.flags --data_dir=/data/cifar-100-binary
 """
 
-import os
+from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads: keep its C++ start-up chatter out.
-
-from absl import app, flags  # noqa: E402
-
-from dml_tf import config, train_lib  # noqa: E402
+from dml_tf import cli, config
 
 FLAGS = flags.FLAGS
 
@@ -39,5 +35,4 @@ def make_config(flag_values):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(train_lib.absl_main(lambda: make_config(FLAGS)), flags_parser=config.flags_parser(FLAGS))
+    cli.main(define_flags, make_config)

@@ -6,13 +6,9 @@ Defaults follow the paper: 224x224, RMSProp (decay 0.9), lr 0.1 x0.16 every 20 e
 (staircase), batch 64.
 """
 
-import os
+from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads: keep its C++ start-up chatter out.
-
-from absl import app, flags  # noqa: E402
-
-from dml_tf import config, train_lib  # noqa: E402
+from dml_tf import cli, config
 
 FLAGS = flags.FLAGS
 # RMSProp momentum 0.9 and ε 1.0 are TF-slim's ImageNet defaults (train_image_classifier.py),
@@ -44,5 +40,4 @@ def make_config(flag_values):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(train_lib.absl_main(lambda: make_config(FLAGS)), flags_parser=config.flags_parser(FLAGS))
+    cli.main(define_flags, make_config)

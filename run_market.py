@@ -6,13 +6,9 @@ Defaults follow the authors' released code: MobileNet pair at 224x224, Adam lr 2
 (β1 0.5, β2 0.999, ε 1e-8), batch 16, weight decay 4e-5, label smoothing 0.1, 200k steps.
 """
 
-import os
+from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads: keep its C++ start-up chatter out.
-
-from absl import app, flags  # noqa: E402
-
-from dml_tf import config, train_lib  # noqa: E402
+from dml_tf import cli, config
 
 FLAGS = flags.FLAGS
 DEFAULTS = dict(nets="mobilenet,mobilenet", optimizer="adam", learning_rate=2e-4, adam_beta1=0.5,
@@ -47,5 +43,4 @@ def make_config(flag_values):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(train_lib.absl_main(lambda: make_config(FLAGS)), flags_parser=config.flags_parser(FLAGS))
+    cli.main(define_flags, make_config)

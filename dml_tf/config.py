@@ -1,20 +1,26 @@
 """Flags shared by the run scripts, and the frozen configuration they turn into.
 
-Library code takes a `Config`; only run_*.py read absl flags (DESIGN.md).
+Library code takes a `Config`; only run_*.py (through dml_tf.cli) read absl flags (DESIGN.md).
+This module imports no TensorFlow, so that flags are defined and checked in a second:
+`config_from_flags` checks everything that needs no library module, `check_against_library`
+(which imports the method's and the networks' modules) the rest.
 """
 
 import dataclasses
 import json
+import math
+import numbers
 import re
-import sys
 
 from absl import flags
 
-from dml_tf import cohort, distribute, methods, nets, precision, schedules
+from dml_tf import methods, nets
+from dml_tf.choices import (DISTRIBUTIONS, OPTIMIZERS, PLACEMENTS, PRECISIONS, SEMI_SUPERVISED,
+                            UPDATES)
 from dml_tf.errors import UserError
 
-
-from dml_tf.choices import SEMI_SUPERVISED  # noqa: F401
+# Network options the cohort sets per peer itself (the Keras model name "peer{k}").
+RESERVED_NET_ARGS = ("name",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +100,7 @@ def define_flags(flag_values=flags.FLAGS):
                       "dml_e (Eq. 11), ...", flag_values=f)
     flags.DEFINE_string("method_args", "", "Method hyperparameters, e.g. 'label_smoothing=0.1'.",
                         flag_values=f)
-    flags.DEFINE_enum("update", d.update, list(cohort.UPDATES),
+    flags.DEFINE_enum("update", d.update, list(UPDATES),
                       "sequential: Algorithm 1, peer k+1 learns from the updated peer k; "
                       "simultaneous: all peers updated from one forward pass.", flag_values=f)
     flags.DEFINE_enum("semi_supervised", d.semi_supervised, list(SEMI_SUPERVISED),
@@ -113,11 +119,11 @@ def define_flags(flag_values=flags.FLAGS):
                         "checkpoint prefix in one; its --teacher_peer is restored.", flag_values=f)
     flags.DEFINE_integer("teacher_peer", d.teacher_peer,
                          "kd: which peer of the teacher run is the teacher (from 1).", flag_values=f)
-    flags.DEFINE_enum("distribution", d.distribution, list(distribute.DISTRIBUTIONS),
+    flags.DEFINE_enum("distribution", d.distribution, list(DISTRIBUTIONS),
                       "none; mirrored: MirroredStrategy over the local devices, each replica "
                       "holding the whole cohort, the global batch split; multi_worker: "
                       "MultiWorkerMirroredStrategy from TF_CONFIG.", flag_values=f)
-    flags.DEFINE_enum("peer_placement", d.peer_placement, list(distribute.PLACEMENTS),
+    flags.DEFINE_enum("peer_placement", d.peer_placement, list(PLACEMENTS),
                       "per_device: peer k on device k mod n, only probabilities cross devices "
                       "(paper Sec. 4.5); implies --update=simultaneous.", flag_values=f)
     flags.DEFINE_integer("epochs", d.epochs, "Training epochs.", flag_values=f)
@@ -130,7 +136,7 @@ def define_flags(flag_values=flags.FLAGS):
                          flag_values=f)
     flags.DEFINE_integer("eval_batch_size", d.eval_batch_size, "Batch size for evaluation.",
                          flag_values=f)
-    flags.DEFINE_enum("optimizer", d.optimizer, list(schedules.OPTIMIZERS),
+    flags.DEFINE_enum("optimizer", d.optimizer, list(OPTIMIZERS),
                       "sgd (CIFAR), adam (Market-1501), rmsprop (ImageNet).", flag_values=f)
     flags.DEFINE_float("learning_rate", d.learning_rate, "Initial learning rate.", flag_values=f)
     flags.DEFINE_float("lr_decay_rate", d.lr_decay_rate,
@@ -159,7 +165,7 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_bool("jit_compile", d.jit_compile, "Compile the cohort step with XLA. Off by "
                       "default: on the CPU it measured slower (bench/RESULTS.md); try it on GPUs.",
                       flag_values=f)
-    flags.DEFINE_enum("precision", d.precision, list(precision.PRECISIONS),
+    flags.DEFINE_enum("precision", d.precision, list(PRECISIONS),
                       "float32; mixed_bfloat16: layers in bfloat16, variables, logits, softmax "
                       "and losses in float32 (CPUs with AVX-512 BF16/AMX, TPUs); mixed_float16: "
                       "the same in float16 with dynamic loss scaling (GPUs).", flag_values=f)
@@ -180,26 +186,15 @@ def define_flags(flag_values=flags.FLAGS):
                          "always checkpoint the exact position).", flag_values=f)
 
 
-def flags_parser(flag_values):
-    """An absl `flags_parser` for app.run: a bad flag value is one sentence and exit status 2
-    (absl's default prints the usage and exits 1)."""
-
-    def parse(argv):
-        try:
-            return flag_values(argv)
-        except flags.Error as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    return parse
-
-
 def parse_nets(spec):
     """'resnet32,mobilenet' -> ('resnet32', 'mobilenet'); 'resnet32x3' -> three resnet32."""
     result = []
     for item in (s.strip() for s in spec.split(",")):
         match = re.fullmatch(r"(.+)x(\d+)", item)
         if item not in nets.NAMES and match and match.group(1) in nets.NAMES:
+            if int(match.group(2)) < 1:
+                raise UserError(f"--nets names '{item}', zero {match.group(1)} peers; give a "
+                                f"count of at least 1 (e.g. {match.group(1)}x2).")
             result.extend([match.group(1)] * int(match.group(2)))
         elif item in nets.NAMES:
             result.append(item)
@@ -247,19 +242,38 @@ def parse_image_size(spec):
 
 
 def validate(config):
-    """Raises UserError naming the flag for values no run can use."""
-    positive = ("epochs", "batch_size", "eval_batch_size", "learning_rate", "eval_every_epochs")
+    """Raises UserError naming the flag for values no run can use (no library module needed)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):  # absl parses "nan", "inf"
+            raise UserError(f"--{field.name} must be a finite number, got {value}.")
+    positive = ("epochs", "batch_size", "eval_batch_size", "learning_rate", "eval_every_epochs",
+                "steps_per_epoch", "train_steps", "teacher_peer")
     for name in positive:
-        if getattr(config, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(config, name)}.")
-    if config.steps_per_epoch is not None and config.steps_per_epoch <= 0:
-        raise UserError(f"--steps_per_epoch must be positive, got {config.steps_per_epoch}.")
-    if config.train_steps is not None and config.train_steps <= 0:
-        raise UserError(f"--train_steps must be positive, got {config.train_steps}.")
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}.")
+    non_negative = ("seed", "weight_decay", "checkpoint_every_steps", "labelled_ids")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name} must be 0 or positive, got {getattr(config, name)}.")
+    for name in ("intra_op_threads", "inter_op_threads"):
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name} must be 0 (TensorFlow's choice) or positive, got "
+                            f"{getattr(config, name)}.")
     if not 0.0 < config.labelled_fraction <= 1.0:
         raise UserError(f"--labelled_fraction must be in (0, 1], got {config.labelled_fraction}.")
     if not 0.0 < config.val_fraction < 1.0:
         raise UserError(f"--val_fraction must be in (0, 1), got {config.val_fraction}.")
+    for key, _ in config.net_args:
+        if key in RESERVED_NET_ARGS:
+            raise UserError(f"--net_args sets '{key}', which the cohort sets for every peer "
+                            f"itself; drop it from --net_args.")
+    _validate_combinations(config)
+    return config
+
+
+def _validate_combinations(config):
     if config.semi_supervised == "dml_all" and len(config.nets) < 2:
         raise UserError("--semi_supervised=dml_all learns from unlabelled examples through the "
                         "mimicry loss: list at least two --nets.")
@@ -270,21 +284,53 @@ def validate(config):
         raise UserError("--semi_supervised=dml_all runs on one device; drop --distribution.")
     if config.on_nan == "skip" and config.distribution != "none":
         raise UserError("--on_nan=skip runs on one device; use --on_nan=stop with --distribution.")
-    if config.checkpoint_every_steps < 0:
-        raise UserError(f"--checkpoint_every_steps must be 0 or positive, got "
-                        f"{config.checkpoint_every_steps}.")
-    for name in ("intra_op_threads", "inter_op_threads"):
-        if getattr(config, name) < 0:
-            raise UserError(f"--{name} must be 0 (TensorFlow's choice) or positive, got "
-                            f"{getattr(config, name)}.")
-    if config.weight_decay < 0:
-        raise UserError(f"--weight_decay must be non-negative, got {config.weight_decay}.")
-    methods.get(config.method, **dict(config.method_args)).check_cohort_size(len(config.nets))
+
+
+def check_against_library(config):
+    """Checks --method, --method_args and --net_args against the method's and networks' own
+    arguments; raises UserError naming the flag.
+
+    Imports the method's and the networks' modules, hence TensorFlow: call it after
+    `config_from_flags` (which needs neither), before anything is trained or written.
+    """
+    accepted = methods.hyperparameters(config.method)
+    for key, value in config.method_args:
+        if key not in accepted:
+            raise UserError(f"--method_args names {key}, which --method={config.method} does not "
+                            f"take; it takes {', '.join(sorted(accepted)) or 'none'}.")
+        if _is_number(accepted[key]) and not _is_number(value):
+            raise UserError(f"--method_args {key}={value} must be a number (--method="
+                            f"{config.method}'s default is {accepted[key]}).")
+    try:
+        method = methods.get(config.method, **dict(config.method_args))
+    except UserError as e:
+        raise UserError(f"--method_args={_keyword_spec(config.method_args)} is refused: "
+                        f"{e}") from None
+    if len(config.nets) < method.min_peers:
+        raise UserError(
+            f"--method={config.method} needs at least {method.min_peers} networks in --nets, "
+            f"got {len(config.nets)}; list more (e.g. --nets=resnet32,resnet32 or "
+            f"--nets=resnet32x{method.min_peers}).")
+    for net in dict.fromkeys(config.nets):
+        options = nets.options(net)
+        unknown = [key for key, _ in config.net_args if key not in options]
+        if unknown:
+            raise UserError(f"--net_args sets {', '.join(unknown)}, which --nets' {net} does not "
+                            f"take; it takes {', '.join(options) or 'no options'}.")
     return config
 
 
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _keyword_spec(pairs):
+    return ",".join(f"{key}={value}" for key, value in pairs)
+
+
 def config_from_flags(flag_values, **fixed):
-    """Builds the validated Config from parsed flags (every Config field that is a flag).
+    """Builds the Config from parsed flags (every Config field that is a flag), checked by
+    `validate`; `check_against_library` checks the rest.
 
     `fixed` sets fields a run script does not expose as flags (e.g. dataset="market1501").
     """

@@ -11,7 +11,7 @@ from absl import flags
 import run_cifar
 import run_imagenet
 import run_market
-from dml_tf import methods
+from dml_tf import config, methods
 from dml_tf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,11 +19,12 @@ FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "**", "*.flags"), recur
 
 
 def _parse(*args, script=run_cifar):
-    """Parses args into fresh FlagValues with the script's flags; returns the script's config."""
+    """Parses args into fresh FlagValues with the script's flags; returns the script's config,
+    checked as the command line checks it (also against the method's and networks' modules)."""
     flag_values = flags.FlagValues()
     script.define_flags(flag_values)
     flag_values([f"{script.__name__}.py", *args])
-    return script.make_config(flag_values)
+    return config.check_against_library(script.make_config(flag_values))
 
 
 @pytest.fixture(autouse=True)

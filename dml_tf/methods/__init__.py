@@ -1,27 +1,49 @@
-"""Registry of training methods (METHODS.md). Adding one = one file + one line here."""
+"""Registry of training methods (METHODS.md). Adding one = one file + one line here.
 
+The registry is a table of names to "module:class"; a method's module (and with it
+TensorFlow) is imported only when the method is asked for, so `NAMES` is free to read
+before TensorFlow starts.
+"""
+
+import importlib
+import importlib.util
 import inspect
+import pkgutil
 
 from dml_tf.errors import UserError
-from dml_tf.methods import dml, dml_e, dml_js, independent
-from dml_tf.methods import dml_l2, entropy_reg, kd
-from dml_tf.methods import kdcl
 
 _REGISTRY = {
-    "independent": independent.Independent,
-    "dml": dml.DML,
-    "dml_js": dml_js.DMLJensenShannon,
-    "dml_e": dml_e.DMLEnsemble,
-    "kd": kd.Distillation,
-    "entropy_reg": entropy_reg.EntropyRegularised,
-    "dml_l2": dml_l2.DMLFeatureL2,
-    "kdcl_naive": kdcl.KDCLNaive,
-    "kdcl_linear": kdcl.KDCLLinear,
-    "kdcl_minlogit": kdcl.KDCLMinLogit,
-    "kdcl_general": kdcl.KDCLGeneral,
+    "independent": "dml_tf.methods.independent:Independent",
+    "dml": "dml_tf.methods.dml:DML",
+    "dml_js": "dml_tf.methods.dml_js:DMLJensenShannon",
+    "dml_e": "dml_tf.methods.dml_e:DMLEnsemble",
+    "kd": "dml_tf.methods.kd:Distillation",
+    "entropy_reg": "dml_tf.methods.entropy_reg:EntropyRegularised",
+    "dml_l2": "dml_tf.methods.dml_l2:DMLFeatureL2",
+    "kdcl_naive": "dml_tf.methods.kdcl:KDCLNaive",
+    "kdcl_linear": "dml_tf.methods.kdcl:KDCLLinear",
+    "kdcl_minlogit": "dml_tf.methods.kdcl:KDCLMinLogit",
+    "kdcl_general": "dml_tf.methods.kdcl:KDCLGeneral",
 }
 
 NAMES = tuple(_REGISTRY)
+
+
+def method_class(name):
+    """Returns the class of method `name`, importing its module.
+
+    Raises:
+      UserError: unknown method.
+    """
+    if name not in _REGISTRY:
+        raise UserError(f"method={name!r} is not a method; choose one of {', '.join(NAMES)}.")
+    return pkgutil.resolve_name(_REGISTRY[name])
+
+
+def hyperparameters(name):
+    """Returns {hyperparameter: default} of method `name` (the keyword arguments `get` takes)."""
+    params = inspect.signature(method_class(name).__init__).parameters.values()
+    return {p.name: p.default for p in params if p.name != "self"}
 
 
 def get(name, **hparams):
@@ -30,13 +52,17 @@ def get(name, **hparams):
     Raises:
       UserError: unknown method or hyperparameter.
     """
-    if name not in _REGISTRY:
-        raise UserError(f"--method={name} is not a method; choose one of {', '.join(NAMES)}.")
-    cls = _REGISTRY[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = sorted(set(hparams) - accepted)
+    accepted = hyperparameters(name)
+    unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         raise UserError(
-            f"--method_args names {', '.join(unknown)}, which --method={name} does not take; "
+            f"hparams include {', '.join(unknown)}, which method={name!r} does not take; "
             f"it takes {', '.join(sorted(accepted)) or 'none'}.")
-    return cls(**hparams)
+    return method_class(name)(**hparams)
+
+
+def __getattr__(name):
+    """`methods.dml` and the like: a method's module, imported on first use."""
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,23 +8,46 @@ network = one file with a builder ``fn(num_classes, input_shape, *, name=..., **
 + one line in `_BUILDERS`.
 """
 
+import collections.abc
+import importlib
+import importlib.util
 import inspect
+import pkgutil
 
 from dml_tf.errors import UserError
-from dml_tf.nets import inception_v1, mobilenet, resnet_cifar, tiny, wide_resnet
-from dml_tf.nets import fused_batch_norm, mobilenet_v2, resnet_imagenet
 
-_BUILDERS = {
-    "resnet32": resnet_cifar.resnet32,
-    "mobilenet": mobilenet.mobilenet,
-    "inception_v1": inception_v1.inception_v1,
-    "wrn28_10": wide_resnet.wrn28_10,
-    "tiny": tiny.tiny,
-    "resnet18": resnet_imagenet.resnet18,
-    "resnet50": resnet_imagenet.resnet50,
-    "mobilenet_v2": mobilenet_v2.mobilenet_v2,
-    "mobilenet_v2_050": mobilenet_v2.mobilenet_v2_050,
-}
+
+class _Builders(collections.abc.Mapping):
+    """name -> builder, each imported from its "module:function" on first use.
+
+    The table of strings is the registry: `NAMES` (and the flags listing them) need no
+    TensorFlow; a network's module, which imports Keras, loads when the network is built.
+    """
+
+    def __init__(self, table):
+        self._table = dict(table)
+
+    def __getitem__(self, name):
+        return pkgutil.resolve_name(self._table[name])
+
+    def __iter__(self):
+        return iter(self._table)
+
+    def __len__(self):
+        return len(self._table)
+
+
+_BUILDERS = _Builders({
+    "resnet32": "dml_tf.nets.resnet_cifar:resnet32",
+    "mobilenet": "dml_tf.nets.mobilenet:mobilenet",
+    "inception_v1": "dml_tf.nets.inception_v1:inception_v1",
+    "wrn28_10": "dml_tf.nets.wide_resnet:wrn28_10",
+    "tiny": "dml_tf.nets.tiny:tiny",
+    "resnet18": "dml_tf.nets.resnet_imagenet:resnet18",
+    "resnet50": "dml_tf.nets.resnet_imagenet:resnet50",
+    "mobilenet_v2": "dml_tf.nets.mobilenet_v2:mobilenet_v2",
+    "mobilenet_v2_050": "dml_tf.nets.mobilenet_v2:mobilenet_v2_050",
+})
 NAMES = tuple(_BUILDERS)
 _MIN_SIDE = 8
 
@@ -37,7 +60,7 @@ def options(name):
 
 def _builder(name):
     if name not in _BUILDERS:
-        raise UserError(f"Unknown network {name!r}; choose one of: {', '.join(NAMES)}.")
+        raise UserError(f"name={name!r} is not a network; choose one of: {', '.join(NAMES)}.")
     return _BUILDERS[name]
 
 
@@ -86,5 +109,14 @@ def build(name, /, num_classes, input_shape=(32, 32, 3), **kw):
     model_name = kw.pop("name", None) or name
     if not isinstance(model_name, str) or "/" in model_name:
         raise UserError(f"Model name must be a string without '/', got {model_name!r}.")
+    from dml_tf.nets import fused_batch_norm  # noqa: PLC0415 (imports Keras: only when building)
+
     # TensorFlow's fused BatchNormalization kernel: the same numbers, faster steps.
     return fused_batch_norm.fuse(builder(num_classes, shape, name=model_name, **kw))
+
+
+def __getattr__(name):
+    """`nets.mobilenet` and the like: a network's module, imported on first use."""
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
