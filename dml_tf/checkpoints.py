@@ -67,7 +67,9 @@ def restore_newest_intact(checkpoint, directory, *, quarantine=True):
     for prefix in prefixes(directory):
         try:
             checkpoint.restore(prefix).assert_existing_objects_matched()
-        except (tf.errors.OpError, AssertionError, ValueError) as e:
+        # A damaged file fails in many ways (DataLossError, NotFoundError, IndexError from a
+        # truncated read, AssertionError from missing objects): any of them means "not intact".
+        except Exception as e:  # noqa: BLE001
             damaged.append((prefix, _reason(e)))
             continue
         if damaged:

@@ -1,7 +1,9 @@
-"""train_and_evaluate: config -> data -> cohort -> training loop, summaries, checkpoints, export.
+"""train_and_evaluate: config -> data -> cohort -> the epoch loop, summaries, results, export.
 
-The only module (with export.py) that writes to disk. Everything it writes goes to
-`config.model_dir`; a model_dir that holds a checkpoint is resumed.
+Everything a run writes goes to `config.model_dir`, whose life (checks, lock, --overwrite,
+atomic writes) is dml_tf.run_dir's and whose checkpoints (resume with fallback) are
+dml_tf.checkpoints'; a model_dir that holds a checkpoint is resumed, a finished one is left
+as it is.
 """
 
 import contextlib
@@ -20,26 +22,14 @@ from absl import app
 from absl import logging as absl_logging
 import tensorflow as tf
 
+from dml_tf import checkpoints, progress, run_dir
 from dml_tf import cohort as cohort_lib
 from dml_tf import config as config_lib
 from dml_tf import distribute, export, imagenet_task, methods, nets, precision, reid_task, schedules, tasks  # noqa: F401 (the *_task modules register their datasets)
 from dml_tf.errors import UserError
 
-# Config fields that may change between a run and its resumption.
-_RESUMABLE_CHANGES = ("epochs", "eval_every_epochs", "export", "steps_per_epoch", "eval_batch_size",
-                      "data_dir", "tfds_data_dir", "model_dir", "jit_compile", "train_steps",
-                      "intra_op_threads", "inter_op_threads",
-                      "overwrite", "deterministic", "on_nan", "checkpoint_every_steps",
-                      "teacher_checkpoint")
-
-
-def write_json_atomically(path, obj):
-    """Writes JSON to a temporary file and renames it, so a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+# analysis.py writes its JSON the same way.
+write_json_atomically = run_dir.write_json_atomically
 
 
 def build_cohort(config, num_classes, input_shape, steps_per_epoch, strategy=None):
@@ -83,7 +73,14 @@ def make_checkpoint(cohort):
     trackables = {"epoch": tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch"),
                   # Steps already done in `epoch`: a mid-epoch checkpoint resumes there.
                   "step_in_epoch": tf.Variable(0, dtype=tf.int64, trainable=False,
-                                               name="step_in_epoch")}
+                                               name="step_in_epoch"),
+                  # The running sums of those steps' metrics (JSON), so that a resumed epoch
+                  # reports the means of all its steps.
+                  "epoch_means": tf.Variable("", dtype=tf.string, trainable=False,
+                                             name="epoch_means"),
+                  # Whether the epoch-end work (summaries, evaluation) is done for this
+                  # position: a SIGTERM during an evaluation saves an unclosed position.
+                  "closed": tf.Variable(False, trainable=False, name="closed")}
     for k, (model, opt) in enumerate(zip(cohort.models, cohort.optimizers), start=1):
         trackables[f"peer{k}"] = model
         trackables[f"optimizer{k}"] = opt
@@ -95,8 +92,13 @@ def load_config(model_dir):
     path = os.path.join(model_dir, "flags.json")
     if not os.path.exists(path):
         raise UserError(f"{model_dir} holds no flags.json; point --model_dir at a run's folder.")
-    with open(path) as f:
-        values = json.load(f)
+    try:
+        with open(path) as f:
+            values = json.load(f)
+        if not isinstance(values, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a run's configuration ({str(e)[:80]}).") from None
     fields = {f.name for f in dataclasses.fields(config_lib.Config)}
     values = {k: v for k, v in values.items() if k in fields}
     for key, value in values.items():  # JSON turned the config's tuples into lists
@@ -124,10 +126,11 @@ def restore_cohort(model_dir, data=None):
         data = task.as_image_data(seed=config.seed)
     steps_per_epoch = max(1, task.num_train // config.batch_size)
     cohort = build_cohort(config, task.num_classes, task.input_shape, steps_per_epoch)
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    if latest is None:
+    restored = checkpoints.restore_newest_intact(make_checkpoint(cohort),
+                                                 os.path.join(model_dir, "checkpoints"),
+                                                 quarantine=False)
+    if restored is None:
         raise UserError(f"{model_dir}/checkpoints holds no checkpoint; train the run first.")
-    make_checkpoint(cohort).restore(latest).expect_partial()
     return config, cohort, data
 
 
@@ -183,37 +186,15 @@ class _StopRequests:
     def _request(self, signum, frame):
         self.signum = signum
 
+    def interrupted(self, where, checkpoint_dir):
+        """The Interrupted to raise once the position is saved in checkpoint_dir."""
+        name = signal.Signals(self.signum).name
+        return Interrupted(self.signum, f"{name}: {where}; a checkpoint of this position is in "
+                                        f"{checkpoint_dir}: run the same command to resume.")
+
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-
-def _check_model_dir(config):
-    """Refuses a model_dir that holds a run of another configuration (unless --overwrite)."""
-    path = os.path.join(config.model_dir, "flags.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        previous = json.load(f)
-    current = json.loads(config.to_json())
-    changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES
-                     and k in previous and previous[k] != current[k])
-    if changed and config.overwrite:
-        print(f"--overwrite: removing the previous run in {config.model_dir}.")
-        shutil.rmtree(config.model_dir)
-        os.makedirs(config.model_dir)
-    elif changed:
-        raise UserError(
-            f"--model_dir={config.model_dir} holds a run with different {', '.join(changed)} "
-            f"(see its flags.json); pass a new --model_dir, or --overwrite to replace it.")
-
-
-def _progress_values(step_metrics, num_peers):
-    values = []
-    for k in range(1, num_peers + 1):
-        values.append((f"p{k}_loss", step_metrics[f"peer{k}/total"]))
-        values.append((f"p{k}_acc", step_metrics[f"peer{k}/top1"]))
-    return values
 
 
 def _check_finite(step_metrics, num_peers, step, model_dir, on_nan):
@@ -263,160 +244,287 @@ def train_cohort(config, task=None):
 
     Returns:
       (cohort, final metrics).
+
+    Raises:
+      UserError: a mistake the user can fix (nothing is created before the inputs are checked).
+      Interrupted: SIGINT/SIGTERM; a checkpoint of the exact position was written.
     """
+    run_dir.check(config)  # before the data load: a refused run leaves nothing on disk
     _set_threads(config)
-    os.makedirs(config.model_dir, exist_ok=True)
-    _check_model_dir(config)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         # Same seed, same ops order: a resumed run ends with the uninterrupted run's weights.
         tf.config.experimental.enable_op_determinism()
-
     task = (task or tasks.make(config)).semi_supervised(config.semi_supervised, config)
-    method = methods.get(config.method, **dict(config.method_args))
     held_out = None
-    if getattr(method, "needs_validation", False):
+    if getattr(methods.get(config.method, **dict(config.method_args)), "needs_validation", False):
         task, held_out = task.split_validation(config.val_fraction, config.seed)
-    steps_per_epoch = task.num_train // config.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch_size={config.batch_size} is larger than the training set "
-                        f"({task.num_train} images); lower it.")
-    if config.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-    epochs = config.epochs
-    if config.train_steps:
-        epochs = math.ceil(config.train_steps / steps_per_epoch)
+    schedule = _Schedule(config, task.num_train)
     strategy = distribute.make_strategy(config.distribution)
-    replica_batch = distribute.replica_batch_size(config.batch_size, strategy)
-    chief = distribute.is_chief(strategy)
-    cohort = build_cohort(config, task.num_classes, task.input_shape, steps_per_epoch, strategy)
-    num_peers = cohort.num_peers
-    views = num_peers if config.per_peer_augmentation else 1
+    cohort = build_cohort(config, task.num_classes, task.input_shape, schedule.steps_per_epoch,
+                          strategy)
+    started = time.time()
+    with run_dir.RunDir(config, owner=distribute.is_chief(strategy)) as folder, \
+            _StopRequests() as stop:
+        run = _Run(config, task, cohort, folder, strategy, stop, held_out)
+        run.restore_or_start()
+        closed = run.train(schedule)
+        results = run.finish(trained=closed > 0)
+    if closed:
+        print(f"Trained {closed} epochs in {time.time() - started:.0f}s.")
+    print(f"Results: {folder.join('results.json')}")
+    print(f"Watch:   {_tensorboard_command()} --logdir {config.model_dir}")
+    return cohort, results
 
-    checkpoint = make_checkpoint(cohort)
-    epoch_var = checkpoint.epoch
-    position_var = checkpoint.step_in_epoch
-    # Every multi-worker process saves (saving is collective), the chief into model_dir and
-    # the others into a scratch folder of their own that is never read.
-    checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
-    if not chief:
-        checkpoint_dir = os.path.join(config.model_dir, f"worker_scratch_{strategy.cluster_resolver.task_id}")
-    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=3)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        print(f"Resumed from {manager.latest_checkpoint} (epoch {int(epoch_var.numpy()) + 1}, "
-              f"step {int(position_var.numpy())} of it; global step "
-              f"{int(cohort.optimizers[0].iterations.numpy())}).")
-    elif getattr(cohort.method, "needs_teacher", False):
-        load_teacher(cohort.models[0], config)
-    if chief:
-        write_json_atomically(os.path.join(config.model_dir, "flags.json"),
-                              json.loads(config.to_json()))
 
-    writer = tf.summary.create_file_writer(config.model_dir) if chief else tf.summary.create_noop_writer()
+def _tensorboard_command():
+    """The TensorBoard command as it runs from here: the venv's own where it is not on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    on_path = shutil.which("tensorboard")
+    if os.path.exists(beside) and (not on_path or os.path.realpath(on_path) != os.path.realpath(beside)):
+        return os.path.relpath(beside) if not os.path.relpath(beside).startswith("..") else beside
+    return "tensorboard"
 
-    def save(epoch, step_in_epoch):
-        epoch_var.assign(epoch)
-        position_var.assign(step_in_epoch)
-        manager.save(checkpoint_number=int(cohort.optimizers[0].iterations.numpy()))
 
-    def epoch_dataset(epoch):
+class _Schedule:
+    """Steps per epoch and epochs of a run (a --train_steps budget cuts the last epoch short)."""
+
+    def __init__(self, config, num_train):
+        steps = num_train // config.batch_size
+        if steps == 0:
+            raise UserError(f"--batch_size={config.batch_size} is larger than the training set "
+                            f"({num_train} images); lower it.")
+        self.steps_per_epoch = min(steps, config.steps_per_epoch or steps)
+        self.train_steps = config.train_steps
+        self.epochs = config.epochs
+        if config.train_steps:
+            self.epochs = math.ceil(config.train_steps / self.steps_per_epoch)
+
+    def steps(self, epoch):
+        if self.train_steps:
+            return min(self.steps_per_epoch, self.train_steps - epoch * self.steps_per_epoch)
+        return self.steps_per_epoch
+
+
+class _EpochMeans:
+    """Running sums of an epoch's step metrics; non-finite (skipped) steps counted apart."""
+
+    def __init__(self, state=None):
+        state = json.loads(state) if state else {}
+        self.sums = state.get("sums", {})
+        self.skipped = state.get("skipped", {})
+        self.steps = state.get("steps", 0)
+
+    def add(self, step_metrics):
+        self.steps += 1
+        for key, value in step_metrics.items():
+            if math.isfinite(value):
+                self.sums[key] = self.sums.get(key, 0.0) + value
+            elif key.endswith("/total"):
+                self.skipped[key] = self.skipped.get(key, 0) + 1
+
+    def means(self):
+        return {k: v / max(1, self.steps) for k, v in self.sums.items()}
+
+    def train_metrics(self):
+        return {f"train/{k}": v for k, v in self.means().items()} | {
+            f"train/{k.replace('/total', '/skipped_steps')}": float(n) for k, n in self.skipped.items()}
+
+    def state(self):
+        return json.dumps({"sums": self.sums, "skipped": self.skipped, "steps": self.steps})
+
+
+class _Run:
+    """One training run in its folder: checkpoints, summaries, the epoch loop, the final writes."""
+
+    def __init__(self, config, task, cohort, folder, strategy, stop, held_out):
+        self.config, self.task, self.cohort, self.folder = config, task, cohort, folder
+        self.strategy, self.stop, self.held_out = strategy, stop, held_out
+        self.chief = folder.owner
+        self.checkpoint = make_checkpoint(cohort)
+        # Every multi-worker process saves (saving is collective), the chief into model_dir and
+        # the others into a scratch folder of their own that is never read.
+        self.checkpoint_dir = folder.join("checkpoints") if self.chief else folder.join(
+            f"worker_scratch_{strategy.cluster_resolver.task_id}")
+        self.manager = None
+        self._writer = None
+        self.results = {}
+
+    def restore_or_start(self):
+        restored = checkpoints.restore_newest_intact(self.checkpoint, self.checkpoint_dir)
+        self.manager = checkpoints.manager(self.checkpoint, self.checkpoint_dir)
+        if restored:
+            print(f"Resumed from {restored} (epoch {int(self.checkpoint.epoch.numpy()) + 1}, "
+                  f"step {int(self.checkpoint.step_in_epoch.numpy())} of it; global step "
+                  f"{self.global_step}).")
+        elif getattr(self.cohort.method, "needs_teacher", False):
+            load_teacher(self.cohort.models[0], self.config)
+        if self.chief:
+            self.folder.write_json("flags.json", json.loads(self.config.to_json()))
+
+    @property
+    def global_step(self):
+        return int(self.cohort.optimizers[0].iterations.numpy())
+
+    @property
+    def writer(self):
+        """Created on first use: a finished run run again adds no empty event file."""
+        if self._writer is None:
+            self._writer = (tf.summary.create_file_writer(self.config.model_dir) if self.chief
+                            else tf.summary.create_noop_writer())
+        return self._writer
+
+    def save(self, epoch, step_in_epoch, means, closed):
+        self.checkpoint.epoch.assign(epoch)
+        self.checkpoint.step_in_epoch.assign(step_in_epoch)
+        self.checkpoint.epoch_means.assign(means.state())
+        self.checkpoint.closed.assign(closed)
+        self.manager.save(checkpoint_number=self.global_step)
+
+    def train(self, schedule):
+        """Trains and closes the epochs still to do; returns how many were closed (0: finished)."""
+        state = self.checkpoint
+        start, skip = int(state.epoch.numpy()), int(state.step_in_epoch.numpy())
+        means = _EpochMeans(state.epoch_means.numpy().decode() if skip else None)
+        closed = 0
+        for epoch in range(start, schedule.epochs):
+            steps = schedule.steps(epoch)
+            if skip >= steps and bool(state.closed.numpy()):  # a budget that ended here
+                skip, means = 0, _EpochMeans()
+                continue
+            last = epoch + 1 == schedule.epochs
+            if skip < steps:
+                self._train_epoch(epoch, schedule.epochs, steps, skip, means)
+            self._close_epoch(epoch, steps, means, last,
+                              next_position=(epoch, steps) if steps < schedule.steps_per_epoch
+                              else (epoch + 1, 0))
+            closed += 1
+            skip, means = 0, _EpochMeans()
+        return closed
+
+    def _train_epoch(self, epoch, epochs, steps, skip, means):
+        config, cohort = self.config, self.cohort
+        if self.held_out is not None:
+            probs, labels = self.task.predict_probabilities(cohort, *self.held_out,
+                                                            config.eval_batch_size)
+            cohort.method.update_weights(probs, labels)
+        bar = progress.EpochProgress(epoch, epochs, steps, cohort.num_peers, config.batch_size,
+                                     first_step=skip)
+        batches = tasks.diagnosed(self.task, self._epoch_dataset(epoch))
+        for _ in range(skip):  # resume mid-epoch: the same batches, already trained on
+            next(batches)
+        for step in range(skip + 1, steps + 1):
+            images, labels = next(batches)
+            step_metrics = {k: float(v) for k, v in self._step(images, labels).items()}
+            _check_finite(step_metrics, cohort.num_peers, self.global_step, config.model_dir,
+                          config.on_nan)
+            means.add(step_metrics)
+            bar.update(step, means.means())
+            if self.stop.signum is not None:
+                self.save(epoch, step, means, closed=False)
+                raise self.stop.interrupted(f"stopped at epoch {epoch + 1}, step {step}", self.checkpoint_dir)
+            if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 \
+                    and step < steps:
+                self.save(epoch, step, means, closed=False)
+        bar.finish(means.means())
+
+    def _step(self, images, labels):
+        if self.config.semi_supervised == "dml_all" and not self.cohort.distributed:
+            # Unlabelled examples carry label −1: no cross-entropy, mimicry only.
+            mask = tf.cast(labels >= 0, tf.float32)
+            return self.cohort.train_step(images, tf.maximum(labels, 0), mask)
+        return self.cohort.train_step(images, labels)
+
+    def _epoch_dataset(self, epoch):
+        config, task = self.config, self.task
         # A seed per epoch: a resumed run draws the data order its epoch would have had.
         seed = config.seed * 100003 + epoch
-        if cohort.distributed:
+        views = self.cohort.num_peers if config.per_peer_augmentation else 1
+        if self.cohort.distributed:
+            replica_batch = distribute.replica_batch_size(config.batch_size, self.strategy)
             # Each input pipeline batches its replicas' share; with several workers it reads
             # its own shard of the batches.
-            return strategy.distribute_datasets_from_function(
+            return self.strategy.distribute_datasets_from_function(
                 lambda ctx: task.train_dataset(replica_batch, seed=seed, views=views)
                 .shard(ctx.num_input_pipelines, ctx.input_pipeline_id))
         return task.train_dataset(config.batch_size, seed=seed, views=views)
 
-    results = {}
-    start_epoch, skip = int(epoch_var.numpy()), int(position_var.numpy())
-    started = time.time()
-    with _StopRequests() as stop:
-        for epoch in range(start_epoch, epochs):
-            steps = steps_per_epoch
-            if config.train_steps:
-                steps = min(steps, config.train_steps - epoch * steps_per_epoch)
-            if skip >= steps:  # a budget that ended exactly where the last run stopped
-                skip = 0
-                continue
-            method_summaries = {}
-            if held_out is not None:
-                probs, labels = task.predict_probabilities(cohort, *held_out, config.eval_batch_size)
-                cohort.method.update_weights(probs, labels)
-                method_summaries = cohort.method.summaries()
-            print(f"Epoch {epoch + 1}/{epochs}")
-            progbar = keras.utils.Progbar(steps)
-            sums, skipped = {}, {}
-            batches = tasks.diagnosed(task, epoch_dataset(epoch))
-            for _ in range(skip):  # resume mid-epoch: the same batches, already trained on
-                next(batches)
-            for step in range(skip + 1, steps + 1):
-                images, labels = next(batches)
-                if config.semi_supervised == "dml_all" and not cohort.distributed:
-                    # Unlabelled examples carry label −1: no cross-entropy, mimicry only.
-                    mask = tf.cast(labels >= 0, tf.float32)
-                    outputs = cohort.train_step(images, tf.maximum(labels, 0), mask)
-                else:
-                    outputs = cohort.train_step(images, labels)
-                step_metrics = {k: float(v) for k, v in outputs.items()}
-                global_step = int(cohort.optimizers[0].iterations.numpy())
-                _check_finite(step_metrics, num_peers, global_step, config.model_dir, config.on_nan)
-                for key, value in step_metrics.items():
-                    if math.isfinite(value):
-                        sums[key] = sums.get(key, 0.0) + value
-                    elif key.endswith("/total"):
-                        skipped[key] = skipped.get(key, 0) + 1
-                progbar.update(step, _progress_values(step_metrics, num_peers))
-                if stop.signum is not None:
-                    save(epoch, step)
-                    name = signal.Signals(stop.signum).name
-                    raise Interrupted(stop.signum, (
-                        f"{name}: stopped at epoch {epoch + 1}, step {step}; a checkpoint of this "
-                        f"position is in {checkpoint_dir}: run the same command to resume."))
-                if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 \
-                        and step < steps:
-                    save(epoch, step)
-            done = steps - skip
-            skip = 0
-            train_metrics = {f"train/{k}": v / done for k, v in sums.items()}
-            train_metrics |= {f"train/{k.replace('/total', '/skipped_steps')}": float(n)
-                              for k, n in skipped.items()}
-            with writer.as_default(step=global_step):
-                for key, value in (train_metrics | method_summaries).items():
+    def _close_epoch(self, epoch, steps, means, last, next_position):
+        """Summaries and (when due) the evaluation of a trained epoch, then its checkpoint."""
+        config = self.config
+        train_metrics = means.train_metrics()
+        with self.writer.as_default(step=self.global_step):
+            for key, value in (train_metrics | getattr(self.cohort.method, "summaries", dict)()).items():
+                tf.summary.scalar(key, value)
+            for k, opt in enumerate(self.cohort.optimizers, start=1):
+                tf.summary.scalar(f"lr/peer{k}", float(opt.learning_rate.numpy()))
+            if last or (epoch + 1) % config.eval_every_epochs == 0:
+                test_metrics = self.task.evaluate(self.cohort, config.eval_batch_size)
+                if self.stop.signum is not None:  # the epoch is trained: resume re-evaluates it
+                    self.save(epoch, steps, means, closed=False)
+                    raise self.stop.interrupted(f"stopped while evaluating epoch {epoch + 1}",
+                                                self.checkpoint_dir)
+                for key, value in test_metrics.items():
                     tf.summary.scalar(key, value)
-                for k, opt in enumerate(cohort.optimizers, start=1):
-                    tf.summary.scalar(f"lr/peer{k}", float(opt.learning_rate.numpy()))
-                last = epoch + 1 == epochs
-                if last or (epoch + 1) % config.eval_every_epochs == 0:
-                    test_metrics = task.evaluate(cohort, config.eval_batch_size)
-                    for key, value in test_metrics.items():
-                        tf.summary.scalar(key, value)
-                    print("  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()
-                                           if k.rsplit("/", 1)[-1] in task.headline_metrics))
-                    results = train_metrics | test_metrics
-            writer.flush()
-            if steps < steps_per_epoch:  # a --train_steps budget ended inside this epoch
-                save(epoch, steps)
-            else:
-                save(epoch + 1, 0)
+                print("  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()
+                                       if k.rsplit("/", 1)[-1] in self.task.headline_metrics))
+                self.results = train_metrics | test_metrics
+        self.writer.flush()
+        if last:
+            self._write_results()
+        self.save(*next_position, _EpochMeans() if next_position[1] == 0 else means, closed=True)
 
-    if not chief:  # the scratch copies only existed because saving is collective
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    if not results:  # Resumed a finished run: nothing trained, evaluate what is there.
-        results = task.evaluate(cohort, config.eval_batch_size)
-    if chief:
-        write_json_atomically(os.path.join(config.model_dir, "results.json"), results)
-    if config.export and chief:
-        paths = export.export_cohort(cohort, os.path.join(config.model_dir, "export"),
-                                     task.preprocess, serving_shape=task.serving_shape)
-        export.check_export(paths, cohort, task.export_sample(), task.preprocess)
-    print(f"Trained {max(0, epochs - start_epoch)} epochs in {time.time() - started:.0f}s.")
-    print(f"Results: {os.path.join(config.model_dir, 'results.json')}")
-    print(f"Watch:   tensorboard --logdir {config.model_dir}")
-    return cohort, results
+    def _write_results(self):
+        """results.json, only for a cohort whose weights and metrics are all finite."""
+        broken = self.cohort.nonfinite_peers()
+        bad_metrics = sorted(k for k, v in self.results.items() if not math.isfinite(v))
+        if broken or bad_metrics:
+            what = (f"peer {', '.join(map(str, broken))}'s weights" if broken
+                    else f"the metrics {', '.join(bad_metrics[:3])}")
+            raise UserError(f"Training diverged: {what} are not finite; results.json and the "
+                            f"export are not written and the last finite checkpoint in "
+                            f"{self.checkpoint_dir} is kept: lower --learning_rate and pass "
+                            "--overwrite to train again.")
+        if self.chief:
+            self.folder.write_json("results.json", self.results)
+
+    def finish(self, trained):
+        """The final results and export; a finished run run again changes nothing."""
+        if not self.chief:  # the scratch copies only existed because saving is collective
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        if not trained:
+            self.results = self._finished_results()
+        if self.config.export and self.chief:
+            self._export()
+        return self.results
+
+    def _finished_results(self):
+        path = self.folder.join("results.json")
+        try:
+            with open(path) as f:
+                results = json.load(f)
+            print(f"{self.config.model_dir} holds a finished run: nothing to train (raise "
+                  "--epochs to train on, or pass --overwrite to train again).")
+            return results
+        except (OSError, ValueError):
+            print(f"{self.config.model_dir} holds a finished run without its results.json: "
+                  "evaluating the last checkpoint (results carry no train/* metrics).")
+        self.results = self.task.evaluate(self.cohort, self.config.eval_batch_size)
+        self._write_results()
+        return self.results
+
+    def _export(self):
+        export_dir = self.folder.join("export")
+        source = os.path.basename(self.manager.latest_checkpoint or "")
+        if export.is_complete(export_dir, source=source):
+            return
+        export.export_cohort(self.cohort, export_dir, self.task.preprocess,
+                             serving_shape=self.task.serving_shape,
+                             check_images=self.task.export_sample(), source=source)
+        print(f"Exported: {export_dir}/{{{','.join(f'peer{k}' for k in range(1, self.cohort.num_peers + 1))},ensemble}}")
+        if self.stop.signum is not None:
+            raise self.stop.interrupted("stopped after the export finished (the run is complete)",
+                                        self.checkpoint_dir)
 
 
 def absl_main(make_config):
