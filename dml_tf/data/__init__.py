@@ -128,7 +128,8 @@ def _checked_labels(x_train, y_train, x_test, y_test, num_classes, source, allow
     """The checks of `ImageData.from_arrays` on labels: (int64 y_train, y_test, num_classes)."""
     y_train = _integer_labels(y_train, len(x_train), "y_train", source)
     y_test = _integer_labels(y_test, len(x_test), "y_test", source)
-    if num_classes is None:
+    inferred = num_classes is None
+    if inferred:
         num_classes = _infer_num_classes(y_train, source)
     elif isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
             or num_classes < 1:
@@ -136,7 +137,8 @@ def _checked_labels(x_train, y_train, x_test, y_test, num_classes, source, allow
                         f"{num_classes!r}.")
     _check_range(y_train, num_classes, "y_train", source, allow_unlabelled)
     if test_labels_are_classes:
-        _check_range(y_test, num_classes, "y_test", source)
+        if not inferred:  # else any test label out of range is also one without training data
+            _check_range(y_test, num_classes, "y_test", source)
         _check_test_classes(y_train, y_test, source)
     else:
         bad = np.flatnonzero(y_test < 0)

@@ -161,9 +161,9 @@ def _check_queries(query, gallery, root):
         cameras.setdefault(pid, set()).add(camid)
     if not any(cameras.get(pid, set()) - {camid}
                for pid, camid in zip(query.pids.tolist(), query.camids.tolist())):
-        raise UserError(f"No image of {os.path.join(root, SPLITS['query'])} (e.g. "
-                        f"{os.path.basename(query.paths[0])}, identity {int(query.pids[0])}) has "
-                        f"an image of its identity under another camera in "
+        raise UserError(f"No image of {os.path.join(root, SPLITS['query'])} (the first, "
+                        f"{os.path.basename(query.paths[0])}, is identity {int(query.pids[0])}) "
+                        f"has an image of its identity under another camera in "
                         f"{os.path.join(root, SPLITS['gallery'])}, so the protocol would skip "
                         f"every query and mAP would be undefined; both folders must come from "
                         f"the same Market-1501 archive.")
