@@ -18,8 +18,6 @@ import threading
 import time
 
 import keras
-from absl import app
-from absl import logging as absl_logging
 import tensorflow as tf
 
 from dml_tf import checkpoints, progress, run_dir
@@ -525,32 +523,3 @@ class _Run:
         if self.stop.signum is not None:
             raise self.stop.interrupted("stopped after the export finished (the run is complete)",
                                         self.checkpoint_dir)
-
-
-def absl_main(make_config):
-    """The `main(argv)` a run script hands to absl's app.run: no stray arguments, then `main`."""
-
-    def absl_entry(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-        main(make_config)
-
-    return absl_entry
-
-
-def main(make_config):
-    """Run-script entry: builds the config and trains.
-
-    A UserError exits 2 with its one sentence; SIGINT/SIGTERM save a checkpoint of the
-    exact position and exit 128 + the signal number, as shells expect.
-    """
-    # TensorFlow's INFO lines (checkpoint sharding, SavedModel assets) would bury the progress.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        train_and_evaluate(make_config())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Interrupted as e:
-        print(f"\n{e}", file=sys.stderr)
-        sys.exit(128 + e.signum)
