@@ -1,0 +1,185 @@
+"""The command line: mistakes reported in one sentence before TensorFlow starts, --help as the
+run script's manual, no TensorFlow start-up lines, honest progress in a log."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dml_tf import quiet_start
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Runs a run script with TensorFlow made unimportable: importing it (or Keras) raises.
+WITHOUT_TENSORFLOW = """
+import runpy, sys
+sys.modules["tensorflow"] = None
+script, *args = sys.argv[1:]
+sys.argv = [script, *args]
+runpy.run_path(script, run_name="__main__")
+"""
+# Every C0 control character but the newline, and DEL: \r, \b, ESC (ANSI codes) among them.
+CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+ABSL_LOG_LINE = re.compile(r"^[IWEF]\d{4} ")
+
+
+def _run(script, *args, tensorflow=True, env=None, timeout=120):
+    """Runs `script` from the repository root; returns (process, wall seconds)."""
+    command = [sys.executable, os.path.join(ROOT, script), *args]
+    if not tensorflow:
+        command = [sys.executable, "-c", WITHOUT_TENSORFLOW, os.path.join(ROOT, script), *args]
+    environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    started = time.monotonic()
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env=environ | (env or {}))
+    return proc, time.monotonic() - started
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--nets=resnet33"], "--nets"),
+    (["--nets=tinyx0,tiny"], "--nets"),
+    (["--learning_rate=nan"], "--learning_rate"),
+    (["--weight_decay=inf"], "--weight_decay"),
+    (["--momentum=nan"], "--momentum"),
+    (["--seed=-1"], "--seed"),
+    (["--net_args=name=x"], "--net_args"),
+    (["--method=nope"], "--method"),
+    (["--epochs=ten"], "--epochs"),
+    (["--flagfile=flags/no_such.flags"], "no_such.flags"),
+    (["stray"], "stray"),
+])
+def test_a_bad_flag_is_one_sentence_exit_2_before_tensorflow(args, flag, tmp_path):
+    proc, seconds = _run("run_cifar.py", *args, f"--model_dir={tmp_path / 'run'}",
+                         tensorflow=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], proc.stderr
+    assert proc.stdout == ""
+    assert seconds < 10
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script, default", [
+    ("run_cifar.py", "(default: 'sgd')"),
+    ("run_market.py", "(default: 'adam')"),
+    ("run_imagenet.py", "(default: 'rmsprop')"),
+])
+def test_help_is_the_scripts_grouped_flags_without_tensorflow(script, default):
+    proc, seconds = _run(script, "--help", tensorflow=False)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for flag in ("--nets", "--method", "--learning_rate", "--data_dir", "--model_dir"):
+        assert re.search(rf"^  {flag}: ", text, re.M), flag
+    titles = [text.index(f"\n{title}:\n") for title in
+              ("data", "cohort and method", "schedule", "run and reliability")]
+    assert titles == sorted(titles)
+    optimizer_help = text[text.index("  --optimizer:"):].split("\n  --", 1)[0]
+    assert default in optimizer_help  # the script's own default
+    assert "logtostderr" not in text  # absl's flags are --helpfull's
+    assert seconds < 10
+
+
+def test_help_in_a_flagfile_and_short_forms(tmp_path):
+    flagfile = tmp_path / "help.flags"
+    flagfile.write_text("--nets=tiny,tiny\n--help\n")
+    for args in ([f"--flagfile={flagfile}"], ["-h"], ["-?"], ["--helpshort"]):
+        proc, _ = _run("run_cifar.py", *args, tensorflow=False)
+        assert proc.returncode == 0 and "--learning_rate" in proc.stdout, args
+
+
+def test_helpfull_still_lists_every_flag():
+    proc, _ = _run("run_cifar.py", "--helpfull", tensorflow=False)
+    assert "--nets" in proc.stdout and "--[no]logtostderr" in proc.stdout
+
+
+def test_an_error_found_after_tensorflow_starts_is_the_first_line(tmp_path):
+    # dml needs two peers: checked against the method's class, after TensorFlow's import.
+    proc, _ = _run("run_cifar.py", "--nets=tiny", f"--model_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    lines = (proc.stderr + proc.stdout).splitlines()
+    assert lines[0].startswith("error: --method=dml needs at least 2 networks in --nets")
+    assert len(lines) == 1, lines
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("line, level, kept", [
+    (b"I0000 00:00:1796105569.893064    4851 cudart_stub.cc:31] Could not find cuda\n", 1, False),
+    (b"I0000 00:00:1796105569.893064    4851 cudart_stub.cc:31] Could not find cuda\n", 0, True),
+    (b"W0000 00:00:1796105569.893064    4851 some.cc:3] a warning\n", 1, True),
+    (b"W1201 06:12:00.123456    4851 some.cc:3] a warning\n", 2, False),
+    (b"E0000 00:00:1796105576.119029    4851 cuda_platform.cc:52] failed call to cuInit\n", 2, True),
+    (b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+     1, False),
+    (b"Traceback (most recent call last):\n", 3, True),
+    (b"I am a line of the program, not a log line\n", 3, True),
+])
+def test_keep_line_applies_the_log_level_to_absl_lines_only(line, level, kept):
+    assert quiet_start.keep_line(line, level) is kept
+
+
+def test_filtered_stderr_drops_lines_below_the_level_at_the_file_descriptor():
+    code = """
+import os, sys
+from dml_tf import quiet_start
+with quiet_start.filtered_stderr(1):
+    os.write(2, b"I0000 00:00:12.5  7 a.cc:1] info\\nW0000 00:00:12.5  7 a.cc:2] warn\\n")
+    print("from python", file=sys.stderr)
+os.write(2, b"I0000 00:00:12.5  7 a.cc:3] after the block\\n")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert proc.stderr.splitlines() == [
+        "W0000 00:00:12.5  7 a.cc:2] warn", "from python", "I0000 00:00:12.5  7 a.cc:3] after the block"]
+
+
+def test_environment_keeps_what_the_user_set(monkeypatch):
+    monkeypatch.setattr(quiet_start, "has_accelerator", lambda: False)
+    environ = {"TF_CPP_MIN_LOG_LEVEL": "0"}
+    quiet_start.configure_environment(environ)
+    assert environ == {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLED_DEVICE_TYPES": "CPU"}
+    environ = {"CUDA_VISIBLE_DEVICES": "1"}
+    quiet_start.configure_environment(environ)
+    assert environ == {"CUDA_VISIBLE_DEVICES": "1", "TF_CPP_MIN_LOG_LEVEL": "1"}
+    monkeypatch.setattr(quiet_start, "has_accelerator", lambda: True)
+    environ = {}
+    quiet_start.configure_environment(environ)
+    assert environ == {"TF_CPP_MIN_LOG_LEVEL": "1"}  # a GPU machine keeps its GPU platform
+
+
+def test_quiet_import_is_silent_unless_the_user_asks_for_info():
+    code = "from dml_tf import quiet_start; quiet_start.quiet(); import tensorflow as tf; tf.ones([1]) + 1"
+    environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if quiet_start.has_accelerator():
+        pytest.skip("the CPU-only start-up lines are what this test is about")
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120, env=environ)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    chatty = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120, env=environ | {"TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert any(ABSL_LOG_LINE.match(line) for line in chatty.stderr.splitlines())
+
+
+def test_a_run_in_a_log_shows_plain_lines_with_the_epochs_means(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8),
+             y_train=np.arange(48) % 4, x_test=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8),
+             y_test=np.arange(12) % 4)
+    model_dir = tmp_path / "run"
+    proc, _ = _run("run_cifar.py", "--dataset=npz", f"--data_dir={data}", "--nets=tiny,tiny",
+                   "--epochs=2", "--steps_per_epoch=3", "--batch_size=8", "--export=false",
+                   "--learning_rate=0.05", f"--model_dir={model_dir}", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert not CONTROL.search(proc.stdout) and not CONTROL.search(proc.stderr)
+    assert not any(ABSL_LOG_LINE.match(line) for line in proc.stderr.splitlines()), proc.stderr
+    last = [line for line in proc.stdout.splitlines() if line.startswith("Epoch 2/2 step 3/3")]
+    assert len(last) == 1, proc.stdout
+    results = json.loads((model_dir / "results.json").read_text())
+    for k in (1, 2):
+        for shown, key in (("loss", "total"), ("acc", "top1")):
+            printed = re.search(rf"p{k}_{shown}: (-?\d+\.\d{{4}})", last[0]).group(1)
+            assert printed == f"{results[f'train/peer{k}/{key}']:.4f}"
