@@ -182,6 +182,12 @@ def test_image_data_refuses_a_zero_std():
         ImageData(**arrays(), num_classes=3, mean=(1.0,) * 3, std=(5.0, np.nan, 1.0), name="m")
 
 
+@pytest.mark.parametrize("num_classes", [0, 2.0, True])
+def test_image_data_refuses_a_bad_class_count(num_classes):
+    with pytest.raises(UserError, match=rf"^num_classes must be a positive int, got {num_classes}"):
+        ImageData(**arrays(), num_classes=num_classes, mean=(1.0,) * 3, std=(1.0,) * 3, name="m")
+
+
 def test_from_arrays_allowances():
     # Semi-supervised training sets mark unlabelled examples -1; nothing else negative.
     data = ImageData.from_arrays(**arrays(y_train=np.array([0, -1, 2, 0, 1, 2])), name="m",
@@ -337,7 +343,8 @@ def test_market_queries_the_protocol_cannot_score(market):
     with pytest.raises(UserError) as err:
         market1501.scan(str(market))
     message = one_sentence(err)
-    assert message.startswith(f"No image of {market / 'query'} (the first, 0003_c1s1_000010_00.jpg, is identity 3)")
+    assert message.startswith(f"No image of {market / 'query'} (the first, "
+                              f"0003_c1s1_000010_00.jpg, is identity 3)")
     assert "mAP would be undefined" in message
 
 

@@ -44,10 +44,9 @@ def _check_images(x_train, x_test, source):
             raise UserError(f"{_subject(source, argument)} holds no images; every split needs "
                             f"at least one.")
     if x_test.shape[1:] != x_train.shape[1:]:
-        raise UserError(f"{_subject(source, 'x_test')}[0] is {'x'.join(map(str, x_test.shape[1:]))} "
-                        f"(H x W x C) but x_train images are "
-                        f"{'x'.join(map(str, x_train.shape[1:]))}; both splits need one image "
-                        f"size.")
+        test_size, train_size = ("x".join(map(str, x.shape[1:])) for x in (x_test, x_train))
+        raise UserError(f"{_subject(source, 'x_test')}[0] is {test_size} (H x W x C) but x_train "
+                        f"images are {train_size}; both splits need one image size.")
 
 
 def _integer_labels(labels, count, argument, source):
@@ -131,8 +130,8 @@ def _checked_labels(x_train, y_train, x_test, y_test, num_classes, source, allow
     inferred = num_classes is None
     if inferred:
         num_classes = _infer_num_classes(y_train, source)
-    elif isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-            or num_classes < 1:
+    elif not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or (
+            num_classes < 1):
         raise UserError(f"{_subject(source, 'num_classes')} must be a positive int, got "
                         f"{num_classes!r}.")
     _check_range(y_train, num_classes, "y_train", source, allow_unlabelled)
@@ -295,10 +294,9 @@ def load(dataset, data_dir=None, tfds_data_dir=None, seed=0):
 
 
 def load_npz(path):
-    """Images in a NumPy .npz file (e.g. the real CIFAR-10 subset
-    cifar10_subset_train4000_test1000.npz).
+    """Loads images and labels from a NumPy .npz file.
 
-    The file holds uint8 `x_train` / `x_test` [N, H, W, 3] of one image size and integer
+    E.g. the real CIFAR-10 subset cifar10_subset_train4000_test1000.npz. The file holds uint8 `x_train` / `x_test` [N, H, W, 3] of one image size and integer
     (or whole-valued float) `y_train` / `y_test` [N] or [N, 1]. The classes are
     0..max(y_train), each with training examples; every test label is one of them.
     Loaded with allow_pickle=False: an .npz from elsewhere cannot run code.
