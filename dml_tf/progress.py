@@ -23,7 +23,7 @@ class EpochProgress:
     """Progress of one epoch of a cohort.
 
     Args:
-      epoch: the epoch's number, from 1.
+      epoch: the epoch's index from 0, as Keras' callbacks count (shown from 1).
       epochs: how many epochs the run has.
       steps: the epoch's steps.
       num_peers: K, the cohort's size.
@@ -50,7 +50,7 @@ class EpochProgress:
     def _make_progbar(self):
         from keras.utils import Progbar  # noqa: PLC0415 (Keras imports TensorFlow)
 
-        self._write(f"Epoch {self.epoch}/{self.epochs}\n")
+        self._write(f"Epoch {self.epoch + 1}/{self.epochs}\n")
         names = [name for name, _ in self._values({}, self.first_step, 0.0)]
         with contextlib.redirect_stdout(self.stream):  # Progbar writes to sys.stdout
             progbar = Progbar(self.steps, stateful_metrics=names)
@@ -98,7 +98,8 @@ class EpochProgress:
 
     def _line(self, step, means):
         seconds = self._seconds()
-        parts = [f"Epoch {self.epoch}/{self.epochs} step {step}/{self.steps}", f"{seconds:.1f}s"]
+        parts = [f"Epoch {self.epoch + 1}/{self.epochs} step {step}/{self.steps}",
+                 f"{seconds:.1f}s"]
         for name, value in self._values(means, step, seconds):
             parts.append(f"{value:.0f} img/s" if name == "img/s" else f"{name}: {value:.4f}")
         return " - ".join(parts) + "\n"

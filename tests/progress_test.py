@@ -46,7 +46,7 @@ def _per_step_values(num_peers, steps, seed=0):
 
 def _run_epoch(stream, steps, num_peers=2, every=None, first_step=0, batch_size=8):
     per_step = _per_step_values(num_peers, steps)
-    bar = progress.EpochProgress(3, 7, steps, num_peers, batch_size, first_step=first_step,
+    bar = progress.EpochProgress(2, 7, steps, num_peers, batch_size, first_step=first_step,
                                  stream=stream, every=every)
     for step in range(first_step + 1, steps + 1):
         bar.update(step, _running_means(per_step, step))
@@ -74,7 +74,7 @@ def test_plain_lines_have_no_control_characters_and_show_the_means():
 def test_intermediate_lines_show_the_running_means_of_their_step():
     stream = io.StringIO()
     per_step = _per_step_values(1, 6)
-    bar = progress.EpochProgress(1, 1, 6, 1, 4, stream=stream, every=2)
+    bar = progress.EpochProgress(0, 1, 6, 1, 4, stream=stream, every=2)
     for step in range(1, 7):
         bar.update(step, _running_means(per_step, step))
     line_of_step_4 = stream.getvalue().splitlines()[1]
@@ -94,7 +94,7 @@ def test_images_per_second_and_seconds_follow_the_clock(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(progress.time, "monotonic", clock)
     stream = io.StringIO()
-    bar = progress.EpochProgress(1, 2, 10, 1, 16, first_step=2, stream=stream)
+    bar = progress.EpochProgress(0, 2, 10, 1, 16, first_step=2, stream=stream)
     clock.now += 4.0
     bar.finish({"peer1/total": 1.0, "peer1/top1": 0.5})
     line = stream.getvalue().splitlines()[-1]
@@ -119,7 +119,7 @@ def test_a_terminal_gets_keras_progbar_showing_the_means_as_given():
 
 def test_test_metrics_follow_on_their_own_line():
     stream = io.StringIO()
-    bar = progress.EpochProgress(2, 2, 3, 1, 4, stream=stream)
+    bar = progress.EpochProgress(1, 2, 3, 1, 4, stream=stream)
     bar.finish({"peer1/total": 0.25, "peer1/top1": 0.75}, {"test/peer1/top1": 0.625})
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("Epoch 2/2 step 3/3") and lines[1] == "  test/peer1/top1=0.6250"
