@@ -33,7 +33,8 @@ class ImagenetTask:
 
     def evaluate(self, cohort, batch_size):
         ds = imagenet.eval_dataset(self.source, batch_size, self.image_size)
-        probs, labels = classification.collect_probabilities(cohort.predict, ds)
+        probs, labels = classification.collect_probabilities(cohort.predict,
+                                                             tasks.diagnosed(self, ds))
         return classification.cohort_metrics(probs, labels, prefix="test")
 
     def preprocess(self, images):

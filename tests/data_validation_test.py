@@ -353,7 +353,7 @@ def test_market_queries_the_protocol_cannot_score(market):
 def test_imagenet_label_out_of_range_is_one_sentence(tmp_path):
     # 0-based labels read with build_imagenet_data.py's label_offset=1: label 0 becomes -1.
     folder = write_shards(tmp_path / "shards", {"train-00000-of-00001": [(40, 40, 3), (40, 40, 0)],
-                                                "validation-00000-of-00001": [(40, 40, 3)]})
+                                                "validation-00000-of-00001": [(40, 40, 1001)]})
     from dml_tf import imagenet_task
     task = imagenet_task.ImagenetTask(imagenet.Source(data_dir=str(folder)), image_size=16)
     with pytest.raises(UserError) as err:
@@ -362,3 +362,7 @@ def test_imagenet_label_out_of_range_is_one_sentence(tmp_path):
     message = one_sentence(err)
     assert message.startswith("A record has label -1, outside ImageNet's class indices 0..999")
     assert str(folder) in message and "label_offset=0" in message
+    # Evaluation reads the validation shards the same way: 1001 - 1 = 1000 is out of range.
+    uniform = types.SimpleNamespace(predict=lambda x: [tf.fill([tf.shape(x)[0], 1000], 1e-3)])
+    with pytest.raises(UserError, match=r"^A record has label 1000, outside"):
+        task.evaluate(uniform, batch_size=1)
