@@ -1,0 +1,181 @@
+"""SavedModel export: the serving contract, atomic replacement, and the export check."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dml_tf import cohort as cohort_lib
+from dml_tf import export, methods, nets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+SHAPE, CLASSES, FEATURES = (16, 16, 3), 5, 16  # tiny's "features" layer is 16-d
+MEAN, STD = np.array([100.0, 120.0, 140.0]), np.array([50.0, 60.0, 70.0])
+
+
+def _preprocess(images):
+    return (tf.cast(images, tf.float32) - MEAN.astype(np.float32)) / STD.astype(np.float32)
+
+
+def _cohort(input_shape=SHAPE):
+    models = [nets.build("tiny", CLASSES, input_shape) for _ in range(2)]
+    return cohort_lib.Cohort(models, [keras.optimizers.SGD(0.1) for _ in models],
+                             methods.get("dml"))
+
+
+def _images(n, shape=SHAPE, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+
+
+def _run(code, *args, timeout=300):
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          cwd=ROOT, env=ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(cohort, export dir) of a tiny pair exported at 16x16 with a normalisation."""
+    keras.utils.set_random_seed(7)
+    cohort = _cohort()
+    export_dir = str(tmp_path_factory.mktemp("serving") / "export")
+    export.export_cohort(cohort, export_dir, _preprocess)
+    return cohort, export_dir
+
+
+# --- The serving contract --------------------------------------------------------------------
+
+def test_served_outputs_match_numpy_references(exported):
+    cohort, export_dir = exported
+    images = _images(6)
+    inputs = ((images - MEAN) / STD).astype(np.float32)
+    probs = [_softmax(m(inputs, training=False).numpy().astype(np.float64)) for m in cohort.models]
+    feats = [keras.Model(m.input, m.get_layer("features").output)(inputs).numpy()
+             for m in cohort.models]
+    unit = [f / np.linalg.norm(f, axis=1, keepdims=True) for f in feats]
+    for name, p, f in [("peer1", probs[0], feats[0]), ("peer2", probs[1], feats[1]),
+                       ("ensemble", (probs[0] + probs[1]) / 2, np.concatenate(unit, 1))]:
+        loaded = tf.saved_model.load(os.path.join(export_dir, name))
+        for served in (loaded.signatures["serving_default"](images=tf.constant(images)),
+                       loaded.serve(tf.constant(images))):
+            np.testing.assert_allclose(served["probabilities"].numpy(), p, atol=1e-5)
+            np.testing.assert_allclose(_softmax(served["logits"].numpy()), p, atol=1e-5)
+            np.testing.assert_allclose(served["features"].numpy(), f, atol=1e-5)
+
+
+# Wrong shapes reach the convolutions in the old export, where oneDNN may abort the process:
+# they run in a child process, whose exit status tells an abort from a clean error.
+_WRONG_SHAPES = {"one image without batch axis": (16, 16, 3), "rank 5": (1, 2, 16, 16, 3),
+                 "one channel": (2, 16, 16, 1), "28x28": (2, 28, 28, 3),
+                 "64x64": (2, 64, 64, 3)}
+_SERVE_WRONG_SHAPES = """
+import json, sys
+import numpy as np, tensorflow as tf
+path, shapes = sys.argv[1], json.loads(sys.argv[2])
+loaded = tf.saved_model.load(path)
+for name, shape in shapes.items():
+    x = tf.constant(np.zeros(shape, np.uint8))
+    for how, call in [("signature", lambda: loaded.signatures["serving_default"](images=x)),
+                      ("serve", lambda: loaded.serve(x))]:
+        try:
+            call()
+            print(json.dumps([name, how, "served"]), flush=True)
+        except Exception as e:
+            print(json.dumps([name, how, type(e).__name__ + ": " + str(e)]), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def wrong_shape_results(exported):
+    """{(case, "signature" | "serve"): outcome} from serving _WRONG_SHAPES in a child process."""
+    _, export_dir = exported
+    proc = _run(_SERVE_WRONG_SHAPES, os.path.join(export_dir, "ensemble"),
+                json.dumps(_WRONG_SHAPES))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
+    return {(name, how): outcome for name, how, outcome in lines}
+
+
+@pytest.mark.parametrize("how", ["signature", "serve"])
+@pytest.mark.parametrize("case", list(_WRONG_SHAPES))
+def test_wrong_shapes_fail_with_the_expected_shape(wrong_shape_results, case, how):
+    outcome = wrong_shape_results[(case, how)]
+    assert outcome.startswith("InvalidArgumentError"), outcome
+    assert "serving_default takes uint8 images of shape [N, 16, 16, 3]" in outcome
+    got = " ".join(str(s) for s in _WRONG_SHAPES[case])
+    assert f"got images of shape] [{got}]" in outcome
+
+
+def test_float_images_are_refused_by_the_signature(exported):
+    _, export_dir = exported
+    loaded = tf.saved_model.load(os.path.join(export_dir, "peer1"))
+    floats = tf.zeros([2, *SHAPE], tf.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a uint8 tensor"):
+        loaded.signatures["serving_default"](images=floats)
+    with pytest.raises(TypeError, match="dtype=tf.uint8"):
+        loaded.serve(floats)
+
+
+def test_an_empty_batch_returns_empty_outputs(exported):
+    _, export_dir = exported
+    empty = tf.zeros([0, *SHAPE], tf.uint8)
+    for name, width in [("peer1", FEATURES), ("ensemble", 2 * FEATURES)]:
+        loaded = tf.saved_model.load(os.path.join(export_dir, name))
+        for served in (loaded.signatures["serving_default"](images=empty), loaded.serve(empty)):
+            assert served["probabilities"].shape == (0, CLASSES)
+            assert served["logits"].shape == (0, CLASSES)
+            assert served["features"].shape == (0, width)
+
+
+def test_a_resizing_export_serves_any_size_but_only_rank_4_rgb(tmp_path):
+    cohort = _cohort()
+    resize = lambda images: tf.image.resize(images, SHAPE[:2]) / 255.0  # noqa: E731
+    export.export_cohort(cohort, str(tmp_path / "export"), resize, serving_shape=(None, None, 3))
+    loaded = tf.saved_model.load(str(tmp_path / "export" / "peer2"))
+    serve = loaded.signatures["serving_default"]
+    for shape in [(3, 20, 24, 3), (1, 9, 40, 3)]:
+        images = _images(shape[0], shape[1:])
+        inputs = tf.image.resize(images.astype(np.float32), SHAPE[:2]).numpy() / 255.0
+        expected = _softmax(cohort.models[1](inputs, training=False).numpy())
+        np.testing.assert_allclose(serve(images=tf.constant(images))["probabilities"].numpy(),
+                                   expected, atol=1e-5)
+    assert serve(images=tf.zeros([0, 7, 7, 3], tf.uint8))["features"].shape == (0, FEATURES)
+    for shape in [(20, 24, 3), (2, 20, 24, 1), (2, 0, 24, 3)]:
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"uint8 images of shape \[N, any, any, 3\]"):
+            serve(images=tf.zeros(shape, tf.uint8))
+
+
+def test_ensemble_logits_stay_finite_when_probabilities_underflow(tmp_path):
+    cohort = _cohort()
+    for m in cohort.models:  # confident peers: exp(-logit gaps) underflows float32 to 0
+        kernel = m.get_layer("logits").kernel
+        kernel.assign(kernel * 3000.0)
+    export.export_cohort(cohort, str(tmp_path / "export"), _preprocess)
+    images = _images(8, seed=3)
+    inputs = ((images - MEAN) / STD).astype(np.float32)
+    logits = [m(inputs, training=False).numpy().astype(np.float64) for m in cohort.models]
+    log_probs = [z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(
+        1, keepdims=True)) for z in logits]
+    mean_probs = np.mean([np.exp(lp) for lp in log_probs], axis=0)
+    assert (mean_probs.astype(np.float32) == 0).any(), "the test needs probabilities that underflow"
+    stacked = np.stack(log_probs)
+    top = stacked.max(axis=0)
+    expected = top + np.log(np.exp(stacked - top).sum(axis=0)) - np.log(2)
+    served = tf.saved_model.load(str(tmp_path / "export" / "ensemble")).signatures[
+        "serving_default"](images=tf.constant(images))
+    assert np.isfinite(served["logits"].numpy()).all()
+    np.testing.assert_allclose(served["logits"].numpy(), expected, rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(_softmax(served["logits"].numpy().astype(np.float64)), mean_probs,
+                               atol=1e-6)
+    np.testing.assert_allclose(served["probabilities"].numpy(), mean_probs, atol=1e-6)
