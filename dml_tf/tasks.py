@@ -105,8 +105,8 @@ class ClassificationTask:
         if emptied.size:
             raise UserError(f"fraction={fraction} holds out every training example of class "
                             f"{emptied[0]} (it has {int((d.y_train == emptied[0]).sum())} in "
-                            f"y_train), leaving it nothing to train on; use a smaller fraction "
-                            f"or more examples of that class.")
+                            f"y_train), leaving it nothing to train on; lower fraction (one example "
+                            f"of every class is always held out) or give that class more.")
         return self._with_train(d.x_train[~held_out], d.y_train[~held_out]), (
             d.x_train[held_out], d.y_train[held_out])
 
