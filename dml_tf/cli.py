@@ -6,13 +6,13 @@ Config and the model_dir's state without TensorFlow, and only then imports Tenso
 ``error: <sentence>`` on stderr, and exit status 2.
 """
 
-import importlib.util
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from dml_tf import config as config_lib
-from dml_tf import quiet_start
+from dml_tf import quiet_start, run_dir
 from dml_tf.errors import UserError
 
 # The arguments that ask for the run script's manual (absl's --help and --helpshort, and -h).
@@ -102,7 +102,8 @@ def run(make_config, argv):
                          "--flag (see --help).")
     try:
         config = make_config(flags.FLAGS)
-        check_model_dir(config)
+        run_dir.check(config)  # the model_dir's state: a file, locked, another run's, ...
+        # Only now TensorFlow, for the checks that need the method's and networks' modules.
         quiet_start.quiet()
         config_lib.check_against_library(config)
         from dml_tf import train_lib  # noqa: PLC0415 (TensorFlow: only once the flags are good)
@@ -111,17 +112,7 @@ def run(make_config, argv):
     _train(train_lib, config)
 
 
-def check_model_dir(config):
-    """dml_tf.run_dir.check(config) (the model_dir's state), where that module exists."""
-    if importlib.util.find_spec("dml_tf.run_dir"):
-        from dml_tf import run_dir  # noqa: PLC0415
-
-        run_dir.check(config)
-
-
 def _train(train_lib, config):
-    from absl import logging as absl_logging  # noqa: PLC0415
-
     # TensorFlow's INFO lines (checkpoint sharding, SavedModel assets) would bury the progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:

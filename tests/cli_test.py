@@ -4,6 +4,7 @@ run script's manual, no TensorFlow start-up lines, honest progress in a log."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -61,6 +62,15 @@ def test_a_bad_flag_is_one_sentence_exit_2_before_tensorflow(args, flag, tmp_pat
     assert proc.stdout == ""
     assert seconds < 10
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_dir_that_is_a_file_is_refused_before_tensorflow(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    proc, seconds = _run("run_cifar.py", f"--model_dir={path}", tensorflow=False)
+    assert proc.returncode == 2 and seconds < 10
+    assert proc.stderr.startswith("error: --model_dir=") and len(proc.stderr.splitlines()) == 1
+    assert path.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("script, default", [
@@ -163,12 +173,36 @@ def test_quiet_import_is_silent_unless_the_user_asks_for_info():
     assert any(ABSL_LOG_LINE.match(line) for line in chatty.stderr.splitlines())
 
 
-def test_a_run_in_a_log_shows_plain_lines_with_the_epochs_means(tmp_path):
+def _tiny_npz(path, num_train=48):
     rng = np.random.default_rng(0)
-    data = tmp_path / "data.npz"
-    np.savez(data, x_train=rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8),
-             y_train=np.arange(48) % 4, x_test=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8),
-             y_test=np.arange(12) % 4)
+    np.savez(path, x_train=rng.integers(0, 256, (num_train, 16, 16, 3), dtype=np.uint8),
+             y_train=np.arange(num_train) % 4,
+             x_test=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), y_test=np.arange(12) % 4)
+    return path
+
+
+def test_sigint_checkpoints_and_exits_130(tmp_path):
+    data = _tiny_npz(tmp_path / "data.npz", num_train=4000)
+    model_dir = tmp_path / "run"
+    command = [sys.executable, os.path.join(ROOT, "run_cifar.py"), "--dataset=npz",
+               f"--data_dir={data}", "--nets=tiny,tiny", "--batch_size=8", "--export=false",
+               f"--model_dir={model_dir}"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        first_line = proc.stdout.readline()  # a tenth of the 500-step epoch is done
+        assert first_line.startswith("Epoch 1/200 step 50/500"), first_line
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "SIGINT" in stderr and "resume" in stderr
+    assert (model_dir / "checkpoints").is_dir()
+
+
+def test_a_run_in_a_log_shows_plain_lines_with_the_epochs_means(tmp_path):
+    data = _tiny_npz(tmp_path / "data.npz")
     model_dir = tmp_path / "run"
     proc, _ = _run("run_cifar.py", "--dataset=npz", f"--data_dir={data}", "--nets=tiny,tiny",
                    "--epochs=2", "--steps_per_epoch=3", "--batch_size=8", "--export=false",
