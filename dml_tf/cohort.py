@@ -101,7 +101,7 @@ class Cohort:
         self._uses_features = bool(getattr(method, "uses_features", False))
         # Same layers and weights as the peers, with the pooled features as a second output.
         self._feature_models = [
-            keras.Model(m.input, [m.get_layer("features").output, m.output]) for m in self.models
+            keras.Model(m.inputs, [m.get_layer("features").output, m.outputs[0]]) for m in self.models
         ] if self._uses_features else None
         for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
             if k not in self.frozen:
@@ -205,7 +205,7 @@ class Cohort:
     def predict_features(self, images):
         """Per-peer "features" (last pooling layer, inference mode), a list of K [B, D] tensors."""
         if self._predict_features is None:
-            embedders = [keras.Model(m.input, m.get_layer("features").output) for m in self.models]
+            embedders = [keras.Model(m.inputs, m.get_layer("features").output) for m in self.models]
             self._predict_features = tf.function(
                 lambda x: [tf.cast(e(x, training=False), tf.float32) for e in embedders],
                 input_signature=[self._image_spec], jit_compile=self.jit_compile or None)

@@ -348,7 +348,7 @@ for update in ("sequential", "simultaneous"):
         with strategy.scope() if strategy else tf.distribute.get_strategy().scope():
             model = dml_tf.MutualLearning([peer(1), peer(2)], update=update, weight_decay=1e-3)
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+        history = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
                             validation_data=(x, y))
         weights.append([v.numpy() for p in model.peers for v in p.weights])
         if strategy:
@@ -370,3 +370,17 @@ def test_fit_under_mirrored_strategy_on_two_devices_matches_one_device():
         assert out[update]["replicas"] == 2 and out[update]["distributed"]
         assert out[update]["gap"] < 1e-5
         assert "val_ensemble/accuracy" in out[update]["keys"]
+
+
+def test_the_digits_example_trains_validates_logs_backs_up_and_exports(tmp_path):
+    script = os.path.join(ROOT, "examples", "digits_mutual_learning.py")
+    proc = subprocess.run(
+        [sys.executable, script, f"--out_dir={tmp_path}", "--epochs=2", "--steps_per_epoch=2",
+         "--train_size=64", "--batch_size=16", "--update=simultaneous"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ensemble reloaded" in proc.stdout and "val_ensemble/accuracy" in proc.stdout
+    assert {"peer1", "peer2", "ensemble"} <= set(os.listdir(tmp_path / "export"))
+    assert {"epoch_peer2/ce", "epoch_ensemble/accuracy"} <= _scalar_tags(str(tmp_path / "tensorboard"))
+    assert not os.path.exists(tmp_path / "backup")  # BackupAndRestore cleans up after a whole run
