@@ -63,8 +63,16 @@ def quiet():
     configure_environment()
     if "tensorflow" in sys.modules:
         return
-    with filtered_stderr(int(os.environ["TF_CPP_MIN_LOG_LEVEL"] or 0)):
+    with filtered_stderr(min_log_level()):
         import tensorflow  # noqa: F401 (the import is the point)
+
+
+def min_log_level(environ=os.environ):
+    """TF_CPP_MIN_LOG_LEVEL as TensorFlow reads it (0 for a value that is not a level)."""
+    try:
+        return int(environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        return 0
 
 
 def keep_line(line, min_log_level):
@@ -104,5 +112,8 @@ def filtered_stderr(min_log_level):
     finally:
         sys.stderr.flush()
         os.dup2(original, 2)  # closes the pipe's last write end: the forwarder reads to EOF
-        forwarder.join()
-        os.close(original)
+        # A child process started in the block would hold the pipe open: let the forwarder
+        # serve it (and keep its copy of stderr) rather than wait for it.
+        forwarder.join(timeout=10)
+        if not forwarder.is_alive():
+            os.close(original)

@@ -158,6 +158,8 @@ def test_environment_keeps_what_the_user_set(monkeypatch):
     environ = {}
     quiet_start.configure_environment(environ)
     assert environ == {"TF_CPP_MIN_LOG_LEVEL": "1"}  # a GPU machine keeps its GPU platform
+    assert [quiet_start.min_log_level({"TF_CPP_MIN_LOG_LEVEL": v}) for v in ("2", "", "x")] == \
+        [2, 0, 0]
 
 
 def test_quiet_import_is_silent_unless_the_user_asks_for_info():
