@@ -160,9 +160,11 @@ class ReidTask:
         labelled = self.labels >= 0
         x_train, y_train = load(self.train_paths[labelled], self.labels[labelled], max_train)
         x_test, y_test = load(self.splits["query"].paths, self.splits["query"].pids, max_test)
-        return data_lib.ImageData(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-                                  num_classes=self.num_classes, mean=(127.5,) * 3,
-                                  std=(127.5,) * 3, name="market1501", horizontal_flip=True)
+        # Query identities are not training classes (re-ID tests on unseen people).
+        return data_lib.ImageData.from_arrays(
+            x_train, y_train, x_test, y_test, name="market1501", source=None,
+            num_classes=self.num_classes, mean=(127.5,) * 3, std=(127.5,) * 3,
+            horizontal_flip=True, test_labels_are_classes=False)
 
     def split_validation(self, fraction, seed):
         raise UserError("Methods that estimate on a validation split (kdcl_general) run on the "
