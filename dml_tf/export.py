@@ -114,7 +114,8 @@ def export_cohort(cohort, export_dir, preprocess=None, serving_shape=None, *, ch
         `preprocess` resizes); default: the networks' input shape.
       check_images: uint8 images to compare the SavedModels with the cohort on (see
         `check_export`) before they replace the previous export; None: no check.
-      source: what the export was made from (e.g. the checkpoint path), kept in the marker.
+      source: a string saying what the export was made from (e.g. the checkpoint path), kept
+        in the marker for `is_complete`.
 
     Returns:
       dict name -> SavedModel path.
@@ -137,8 +138,9 @@ def export_cohort(cohort, export_dir, preprocess=None, serving_shape=None, *, ch
             tf.saved_model.save(module, staged[name], signatures={"serving_default": module.serve})
         if check_images is not None:
             _check_against_cohort(staged, paths, cohort, check_images, preprocess, atol=1e-4)
+        now = datetime.datetime.now(datetime.timezone.utc)
         marker = {"savedmodels": list(groups), "source": source,
-                  "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                  "time": now.isoformat(timespec="seconds")}
         with open(os.path.join(staging, MARKER), "w") as f:
             json.dump(marker, f, indent=1)
         _swap_into_place(staging, export_dir)
@@ -166,10 +168,18 @@ def is_complete(export_dir, source=None):
 
 
 def _remove_leftovers(export_dir):
-    """Deletes the temporary and set-aside siblings a killed export may have left."""
+    """Deletes what a killed export left beside `export_dir`.
+
+    An export set aside by a swap killed between its two renames goes back into place first.
+    """
     pattern = glob.escape(export_dir)
-    for leftover in glob.glob(pattern + ".tmp-*") + glob.glob(pattern + ".old-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for aside in glob.glob(pattern + ".old-*"):
+        if not os.path.exists(export_dir) and is_complete(aside):
+            os.rename(aside, export_dir)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    for staging in glob.glob(pattern + ".tmp-*"):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _swap_into_place(staging, export_dir):
@@ -177,8 +187,8 @@ def _swap_into_place(staging, export_dir):
 
     Where the system can exchange two paths atomically (Linux), `export_dir` holds a
     complete export at every instant. Elsewhere the old export is moved aside first: a kill
-    between the two renames leaves no `export_dir` (is_complete is False, a rerun exports
-    again), never a mix of the two.
+    between the two renames leaves no `export_dir` (is_complete is False) until the next
+    export puts the old one back and replaces it, never a mix of the two.
     """
     if not os.path.exists(export_dir):
         os.rename(staging, export_dir)
@@ -228,9 +238,8 @@ def _check_against_cohort(paths, shown_paths, cohort, images, preprocess, atol):
         if not (np.isfinite(probs).all() and np.isfinite(logits).all()):
             raise RuntimeError(f"The SavedModel at {shown_paths[name]} serves non-finite "
                                "probabilities or logits: the trained weights are not usable.")
-        if probs.shape != expected[name].shape or not np.allclose(probs, expected[name],
-                                                                  rtol=0.0, atol=atol):
-            gap = np.max(np.abs(probs - expected[name])) if probs.shape == expected[name].shape \
-                else float("nan")
+        same_shape = probs.shape == expected[name].shape
+        if not (same_shape and np.allclose(probs, expected[name], rtol=0.0, atol=atol)):
+            gap = np.max(np.abs(probs - expected[name])) if same_shape else float("nan")
             raise RuntimeError(f"The SavedModel at {shown_paths[name]} disagrees with the trained "
                                f"cohort (max probability difference {gap:.2e}).")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -179,3 +180,164 @@ def test_ensemble_logits_stay_finite_when_probabilities_underflow(tmp_path):
     np.testing.assert_allclose(_softmax(served["logits"].numpy().astype(np.float64)), mean_probs,
                                atol=1e-6)
     np.testing.assert_allclose(served["probabilities"].numpy(), mean_probs, atol=1e-6)
+
+
+# --- Atomic exports ------------------------------------------------------------------------
+
+def _siblings(export_dir):
+    parent, base = os.path.split(export_dir)
+    return sorted(n for n in os.listdir(parent) if n.startswith(base + "."))
+
+
+def _served_probabilities(export_dir, images):
+    serve = tf.saved_model.load(os.path.join(export_dir, "ensemble")).signatures["serving_default"]
+    return serve(images=tf.constant(images))["probabilities"].numpy()
+
+
+def test_marker_lists_the_savedmodels_and_source(tmp_path):
+    export_dir = str(tmp_path / "export")
+    paths = export.export_cohort(_cohort(), export_dir, source="ckpt-3")
+    assert paths == {n: os.path.join(export_dir, n) for n in ("peer1", "peer2", "ensemble")}
+    with open(os.path.join(export_dir, "COMPLETE.json")) as f:
+        marker = json.load(f)
+    assert marker["savedmodels"] == ["peer1", "peer2", "ensemble"]
+    assert marker["source"] == "ckpt-3" and marker["time"]
+    assert export.is_complete(export_dir) and export.is_complete(export_dir, "ckpt-3")
+    assert not export.is_complete(export_dir, "ckpt-4")
+    assert _siblings(export_dir) == []
+
+
+def test_incomplete_exports_are_reported_and_replaced(exported, tmp_path):
+    _, source_dir = exported
+    half = tmp_path / "half"  # SavedModels written, no marker: what a killed old export left
+    for name in ("peer1", "peer2"):
+        shutil.copytree(os.path.join(source_dir, name), half / name)
+    assert not export.is_complete(str(half))
+    (half / "COMPLETE.json").write_text(json.dumps({"savedmodels": ["peer1", "peer2",
+                                                                    "ensemble"]}))
+    assert not export.is_complete(str(half))  # the marker lists a SavedModel that is not there
+    (half / "COMPLETE.json").write_text('{"savedmodels": ["peer1"')
+    assert not export.is_complete(str(half))
+    assert not export.is_complete(str(tmp_path / "missing"))
+    stale = tmp_path / "half.tmp-999999" / "peer1"  # a killed export's staging folder
+    stale.mkdir(parents=True)
+    export.export_cohort(_cohort(), str(half), source="new")
+    assert export.is_complete(str(half), "new")
+    assert sorted(os.listdir(half)) == ["COMPLETE.json", "ensemble", "peer1", "peer2"]
+    assert _siblings(str(half)) == []
+
+
+def test_a_failure_while_writing_keeps_the_previous_export(tmp_path, monkeypatch):
+    export_dir = str(tmp_path / "export")
+    images = _images(4)
+    export.export_cohort(_cohort(), export_dir, source="old")
+    before = _served_probabilities(export_dir, images)
+    real_save, calls = tf.saved_model.save, []
+
+    def save_once_then_fail(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(tf.saved_model, "save", save_once_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_cohort(_cohort(), export_dir, source="new")
+    assert len(calls) == 2 and os.path.dirname(calls[0]) != export_dir  # written to staging
+    assert export.is_complete(export_dir, "old")
+    np.testing.assert_array_equal(_served_probabilities(export_dir, images), before)
+    assert _siblings(export_dir) == []
+
+
+def _failing_save(*args, **kwargs):
+    raise OSError("disk full")
+
+
+_KILLED_EXPORT = """
+import os, sys
+import keras
+from dml_tf import cohort as cohort_lib, export, methods, nets
+export_dir, point = sys.argv[1], sys.argv[2]
+models = [nets.build("tiny", 5, (16, 16, 3)) for _ in range(2)]
+cohort = cohort_lib.Cohort(models, [keras.optimizers.SGD(0.1) for _ in models], methods.get("dml"))
+if point == "after_exchange":
+    real_exchange = export._exchange
+    def exchange_then_die(a, b):
+        if real_exchange(a, b):
+            os._exit(9)
+        sys.exit("this system cannot exchange paths atomically")
+    export._exchange = exchange_then_die
+else:  # between the two renames of the fallback: old export moved aside, new one not yet in
+    export._exchange = lambda a, b: False
+    real_rename = os.rename
+    def rename_unless_new(a, b):
+        if ".tmp-" in os.path.basename(a):
+            os._exit(9)
+        real_rename(a, b)
+    os.rename = rename_unless_new
+export.export_cohort(cohort, export_dir, source="new")
+sys.exit("the export was not interrupted")
+"""
+
+
+@pytest.mark.parametrize("point", ["after_exchange", "between_renames"])
+def test_a_killed_export_leaves_one_complete_export(tmp_path, monkeypatch, point):
+    export_dir = str(tmp_path / "export")
+    export.export_cohort(_cohort(), export_dir, source="old")
+    proc = _run(_KILLED_EXPORT, export_dir, point)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    leftovers = [os.path.join(str(tmp_path), n) for n in _siblings(export_dir)]
+    if point == "after_exchange":  # the new export is in place; the old one waits for removal
+        assert export.is_complete(export_dir, "new")
+        assert [export.is_complete(p, "old") for p in leftovers] == [True]
+    else:  # no export in place (a rerun exports again); both whole exports beside it
+        assert not export.is_complete(export_dir)
+        assert sorted(export.is_complete(p, "old") for p in leftovers) == [False, True]
+        assert sorted(export.is_complete(p, "new") for p in leftovers) == [False, True]
+        # The next export puts the set-aside one back first, so even its failure keeps it.
+        with monkeypatch.context() as patch:
+            patch.setattr(tf.saved_model, "save", _failing_save)
+            with pytest.raises(OSError, match="disk full"):
+                export.export_cohort(_cohort(), export_dir, source="failed")
+        assert export.is_complete(export_dir, "old")
+    export.export_cohort(_cohort(), export_dir, source="rerun")
+    assert export.is_complete(export_dir, "rerun")
+    assert _siblings(export_dir) == []
+
+
+# --- The export check --------------------------------------------------------------------------
+
+def test_check_export_fails_on_disagreement(tmp_path):
+    cohort = _cohort()
+    paths = export.export_cohort(cohort, str(tmp_path / "export"), _preprocess)
+    images = tf.constant(_images(4))
+    export.check_export(paths, cohort, images, _preprocess)  # the export as written passes
+    kernel = cohort.models[1].get_layer("logits").kernel
+    kernel.assign(-kernel)  # other class scores, same network
+    with pytest.raises(RuntimeError) as error:
+        export.check_export(paths, cohort, images, _preprocess)
+    message = str(error.value)
+    assert message.startswith(f"The SavedModel at {paths['peer2']} disagrees with the trained")
+    assert message.count(". ") == 0 and message.endswith(").")
+
+
+def test_a_non_finite_cohort_fails_the_export_and_keeps_the_previous_one(tmp_path):
+    export_dir = str(tmp_path / "export")
+    images = tf.constant(_images(4))
+    good = _cohort()
+    export.export_cohort(good, export_dir, _preprocess, check_images=images, source="good")
+    broken = _cohort()  # what --on_nan=skip with a huge learning rate leaves
+    kernel = broken.models[0].get_layer("logits").kernel
+    kernel.assign(tf.fill(kernel.shape, np.nan))
+    with pytest.raises(RuntimeError) as error:
+        export.export_cohort(broken, export_dir, _preprocess, check_images=images, source="nan")
+    message = str(error.value)
+    assert message.startswith(f"The SavedModel at {os.path.join(export_dir, 'peer1')} serves "
+                              "non-finite probabilities")
+    assert message.count(". ") == 0 and message.endswith(".")
+    assert export.is_complete(export_dir, "good")
+    assert _siblings(export_dir) == []
+    # Without the export's own check, check_export rejects the NaN SavedModel too.
+    paths = export.export_cohort(broken, str(tmp_path / "unchecked"), _preprocess)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        export.check_export(paths, broken, images, _preprocess)
