@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import keras
 import numpy as np
@@ -203,8 +204,10 @@ def _swap_into_place(staging, export_dir):
 
 def _exchange(path_a, path_b):
     """Atomically swaps two existing paths (renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
+    if renameat2 is None:  # a C library older than glibc 2.28
         return False
     at_fdcwd, rename_exchange = -100, 2
     if renameat2(at_fdcwd, os.fsencode(path_a), at_fdcwd, os.fsencode(path_b),
