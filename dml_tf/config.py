@@ -60,6 +60,7 @@ class Config:
     learning_rate: float = 0.1
     lr_decay_rate: float = 0.1
     lr_decay_epochs: float = 60.0
+    warmup_epochs: float = 0.0
     momentum: float = 0.9
     nesterov: bool = True
     adam_beta1: float = 0.9
@@ -144,6 +145,11 @@ def define_flags(flag_values=flags.FLAGS):
                        flag_values=f)
     flags.DEFINE_float("lr_decay_epochs", d.lr_decay_epochs,
                        "Epochs between learning-rate decays; 0 keeps it constant.", flag_values=f)
+    flags.DEFINE_float("warmup_epochs", d.warmup_epochs,
+                       "Linear learning-rate warm-up over this many epochs, multiplying the "
+                       "staircase schedule (Goyal et al. 2017); 0 (off) in every paper flagfile: "
+                       "a deviation from the paper, for short runs whose first steps blow up.",
+                       flag_values=f)
     flags.DEFINE_float("momentum", d.momentum, "SGD / RMSProp momentum.", flag_values=f)
     flags.DEFINE_bool("nesterov", d.nesterov, "Nesterov momentum for SGD.", flag_values=f)
     flags.DEFINE_float("adam_beta1", d.adam_beta1, "Adam β1.", flag_values=f)
@@ -253,7 +259,8 @@ def validate(config):
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, got {value}.")
-    non_negative = ("seed", "weight_decay", "checkpoint_every_steps", "labelled_ids")
+    non_negative = ("seed", "weight_decay", "checkpoint_every_steps", "labelled_ids",
+                    "warmup_epochs")
     for name in non_negative:
         if getattr(config, name) < 0:
             raise UserError(f"--{name} must be 0 or positive, got {getattr(config, name)}.")

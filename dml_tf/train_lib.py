@@ -45,7 +45,8 @@ def build_cohort(config, num_classes, input_shape, steps_per_epoch, strategy=Non
     devices = distribute.peer_devices(len(config.nets)) if per_device else [None] * len(config.nets)
     lr = schedules.learning_rate(config.learning_rate, decay_rate=config.lr_decay_rate,
                                  decay_epochs=config.lr_decay_epochs,
-                                 steps_per_epoch=steps_per_epoch)
+                                 steps_per_epoch=steps_per_epoch,
+                                 warmup_epochs=config.warmup_epochs)
     models, optimizers = [], []
     scope = strategy.scope() if strategy else contextlib.nullcontext()
     with scope, precision.policy(config.precision):
