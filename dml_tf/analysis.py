@@ -16,14 +16,19 @@ folder; with several runs, --out_dir receives the plots that overlay them and an
 `analysis.json` of all. The functions below take models and arrays, not flags.
 """
 
+if __name__ == "__main__":  # Before TensorFlow's import: silence its C++ start-up lines.
+    from dml_tf import quiet_start
+    quiet_start.quiet()
+
 import os
 import sys
+import time
 import weakref
 
 import numpy as np
 import tensorflow as tf
 
-from dml_tf import train_lib
+from dml_tf import paper_numbers, train_lib
 from dml_tf.data import pipeline
 from dml_tf.errors import UserError
 
@@ -120,7 +125,7 @@ def predict_logits(models, images, mean, std, batch_size=256):
 
 
 def predict_features(model, images, mean, std, batch_size=256, layer="features"):
-    """The model's `layer` output (the last pooling, DESIGN.md) on uint8 images, [N, D]."""
+    """The model's `layer` output (the last pooling, docs/design.md) on uint8 images, [N, D]."""
     return _run([_inference_fn(model, layer)], images, mean, std, batch_size)[0]
 
 
@@ -200,7 +205,15 @@ def tsne_embedding(features, seed=0, perplexity=30.0):
         return tsne.fit_transform(features)
 
 
-# Plots (matplotlib's Figure without pyplot: no global backend or GUI involved).
+# Plots (matplotlib's Figure without pyplot: no global backend or GUI involved). Each
+# plot_* function writes its PNG to `path` and returns the Figure, for a caller to inspect.
+
+# Classes coloured and named in the t-SNE (more would be unreadable): tab20 without its two
+# greys, which would be mistaken for the grey of the classes left out.
+MAX_TSNE_LEGEND = 18
+PLURALS = {"class": "classes", "identity": "identities"}
+RUN_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # line and marker per run
+
 
 def _figure(width=7.0, height=4.5):
     from matplotlib.figure import Figure
@@ -208,10 +221,13 @@ def _figure(width=7.0, height=4.5):
 
 
 def _series(runs):
-    """(run name, peer name, label for the legend, peer dict) for every run and peer."""
-    for name, result in runs.items():
+    """(run index, run result, peer name, legend label, peer dict) for every run and peer.
+
+    The series' order is its colour: one colour per run and peer, the same in every plot.
+    """
+    for i, result in enumerate(runs.values()):
         for peer, values in result["peers"].items():
-            yield name, peer, f"{name} · {peer} ({values['net']})", values
+            yield i, result, peer, f"{result['run']} · {peer} ({values['net']})", values
 
 
 def _colour(i):
@@ -219,40 +235,91 @@ def _colour(i):
     return colormaps["tab10"](i % 10)
 
 
+def paper_entropy(result, net):
+    """The paper's training-set entropy for one network of a run, or None (Sec. 4.8).
+
+    Only a run on the paper's own dataset has one: a digits or .npz run is another problem,
+    whatever its networks and method.
+    """
+    return paper_numbers.train_entropy(result.get("dataset"), net, result.get("method"))
+
+
 def plot_entropy(runs, path):
-    """Bar per run and peer of the mean training-set posterior entropy (paper Sec. 4.8)."""
-    fig = _figure()
-    ax = fig.subplots()
+    """Bar per run and peer of the mean training-set posterior entropy (paper Sec. 4.8).
+
+    Bars are grouped by run. A dotted line marks log M, the entropy of a uniform posterior.
+    A run on the paper's dataset also gets the paper's number, a dashed mark on its bars and
+    in the title; other runs get none.
+    """
     series = list(_series(runs))
-    run_index = {name: i for i, name in enumerate(runs)}
-    for i, (name, _, label, values) in enumerate(series):
-        bars = ax.bar(i, values["entropy"], color=_colour(run_index[name]), label=label)
+    fig = _figure(max(6.0, 0.9 * len(series) + 4.0), 4.5)
+    ax = fig.subplots()
+    where = [i + 0.5 * run for i, (run, *_) in enumerate(series)]  # a gap between runs
+    quoted, marked = {}, set()
+    for i, (x, (_, result, peer, label, values)) in enumerate(zip(where, series)):
+        bars = ax.bar(x, values["entropy"], color=_colour(i), label=label)
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    ax.set_xticks(range(len(series)), [f"{n}\n{p} ({v['net']})" for n, p, _, v in series],
-                  fontsize=8)
-    ax.set_ylabel("mean posterior entropy on the training set (nats)")
-    ax.set_title("Posterior entropy (paper, ResNet-32 CIFAR-100: DML 1.71, independent 0.26)",
-                 fontsize=10)
-    fig.savefig(path, dpi=120)
+        if "num_classes" in result:
+            ax.hlines(np.log(result["num_classes"]), x - 0.45, x + 0.45, colors="0.5",
+                      linestyles=":", label=None if "uniform" in marked else
+                      "uniform posterior, log M")
+            marked.add("uniform")
+        paper = paper_entropy(result, values["net"])
+        if paper is not None:
+            ax.hlines(paper, x - 0.4, x + 0.4, colors="black", linestyles="--", linewidth=1.5,
+                      label=None if "paper" in marked else "paper, Sec. 4.8")
+            marked.add("paper")
+            quoted.setdefault((values["net"], result["dataset"]), {})[result["method"]] = paper
+    ax.set_xticks(where, [peer for _, _, peer, _, _ in series], fontsize=8)
+    names = list(runs)
+    centres = [np.mean([x for x, (run, *_) in zip(where, series) if run == r])
+               for r in range(len(names))]
+    run_axis = ax.secondary_xaxis("bottom")
+    run_axis.set_xticks(centres, [f"\n{n}" for n in names], fontsize=9)
+    run_axis.tick_params(length=0)
+    ax.set_ylabel("nats")
+    title = "Mean posterior entropy on the training set"
+    for (net, dataset), by_method in quoted.items():
+        title += (f"\npaper, Sec. 4.8 ({net} on {dataset}): "
+                  + ", ".join(f"{m} {v:.4f}" for m, v in by_method.items()))
+    ax.set_title(title, fontsize=10)
+    fig.legend(fontsize=8, loc="outside right upper")
+    fig.savefig(path, dpi=150)
+    return fig
 
 
 def plot_noise(runs, path):
-    """Training loss against the weight-noise std σ, one line per run and peer (paper Fig. 4b)."""
-    fig = _figure()
-    ax = fig.subplots()
-    styles = ("-", "--", ":", "-.")
-    run_index = {name: i for i, name in enumerate(runs)}
-    for name, peer, label, values in _series(runs):
-        k = list(runs[name]["peers"]).index(peer)
-        ax.errorbar(runs[name]["noise"]["sigmas"], values["noise_loss"],
-                    yerr=values["noise_loss_std"], color=_colour(run_index[name]),
-                    linestyle=styles[k % len(styles)], marker="o", markersize=3, capsize=2,
-                    label=label)
-    ax.set_xlabel("σ of the Gaussian noise added to every weight")
-    ax.set_ylabel("training loss (cross-entropy)")
-    ax.set_title("Loss change given parameter noise (paper Fig. 4b)")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
+    """Training loss against the weight-noise std σ, one line per run and peer (paper Fig. 4b).
+
+    Left the loss itself, right its increase over the noise-free loss (the width of the
+    minimum, what Fig. 4b compares). The σ axis is linear up to the smallest σ > 0 and
+    logarithmic above (symlog), so σ = 0 and the small-noise range are both visible.
+    """
+    fig = _figure(10.0, 4.2)
+    loss_ax, rise_ax = fig.subplots(1, 2, sharex=True)
+    sigmas = sorted({s for r in runs.values() for s in r["noise"]["sigmas"]})
+    for i, (run, result, _, label, values) in enumerate(_series(runs)):
+        x, loss = result["noise"]["sigmas"], np.asarray(values["noise_loss"])
+        line, marker = RUN_STYLES[run % len(RUN_STYLES)]
+        style = dict(color=_colour(i), linestyle=line, marker=marker, markersize=4, capsize=2)
+        loss_ax.errorbar(x, loss, yerr=values["noise_loss_std"], label=label, **style)
+        clean = loss[x.index(0.0)] if 0.0 in x else np.nan
+        rise_ax.errorbar(x, loss - clean, yerr=values["noise_loss_std"], **style)
+    positive = [s for s in sigmas if s > 0]
+    for ax in (loss_ax, rise_ax):
+        if positive:
+            ax.set_xscale("symlog", linthresh=min(positive), linscale=0.5)
+            ax.set_xlim(-0.2 * min(positive), max(positive) * 1.3)
+        ax.set_xticks(sigmas, [f"{s:g}" for s in sigmas], fontsize=8, rotation=45)
+        ax.set_xlabel("σ of the Gaussian noise added to every weight")
+        ax.grid(alpha=0.3)
+    loss_ax.set_ylabel("training cross-entropy")
+    rise_ax.set_ylabel("increase over σ = 0")
+    fig.suptitle("Loss given parameter noise (paper Fig. 4b: a wider minimum rises less)",
+                 fontsize=10)
+    loss_ax.legend(fontsize=8)
+    fig.savefig(path, dpi=150)
+    return fig
 
 
 def plot_top5(runs, path):
@@ -263,51 +330,91 @@ def plot_top5(runs, path):
     fig = _figure()
     ax = fig.subplots()
     series = list(_series(runs))
-    run_index = {name: i for i, name in enumerate(runs)}
     width = 0.8 / max(1, len(series))
     hatches = ("", "//", "..", "xx")
-    for i, (name, peer, label, values) in enumerate(series):
+    for i, (run, _, _, label, values) in enumerate(series):
         mass = values["top5_mass"]
-        k = list(runs[name]["peers"]).index(peer)
         ax.bar(np.arange(1, len(mass) + 1) - 0.4 + (i + 0.5) * width, mass, width,
-               color=_colour(run_index[name]), hatch=hatches[k % len(hatches)],
-               edgecolor="white", label=label)
+               color=_colour(i), hatch=hatches[run % len(hatches)], edgecolor="white",
+               label=label)
+    from matplotlib import ticker
     ax.set_yscale("log")
+    # Plain numbers at 1, 2, 5 × 10^n: a reader compares 0.05 with 0.01, not exponents.
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_xticks(range(1, max(len(v["top5_mass"]) for *_, v in series) + 1))
     ax.set_xlabel("class rank by posterior probability")
     ax.set_ylabel("mean probability on the training set")
-    ax.set_title("Posterior certainty (paper Fig. 4c)")
+    ax.set_title("Posterior certainty (paper Fig. 4c)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=150)
+    return fig
 
 
-def plot_tsne(embeddings, labels, path, title=""):
+def legend_classes(labels, cap=MAX_TSNE_LEGEND):
+    """The classes the t-SNE colours and names: all of them, or the `cap` most frequent.
+
+    Ties in frequency go to the smaller label, so the choice is deterministic.
+
+    Returns:
+      Sorted list of labels.
+    """
+    values, counts = np.unique(np.asarray(labels), return_counts=True)
+    order = np.lexsort((values, -counts))[:cap]
+    return sorted(values[order].tolist())
+
+
+def plot_tsne(embeddings, labels, path, title="", label_name="class"):
     """One scatter per peer of its 2-d t-SNE points, coloured by label (paper Fig. 5).
+
+    Every class gets a colour and a legend entry; with more than MAX_TSNE_LEGEND classes
+    (Market-1501's identities) the most frequent ones do and the rest are small grey points,
+    which the figure says.
 
     Args:
       embeddings: dict peer name -> float [N, 2].
       labels: int [N] class (identity) of every point.
       path: PNG file to write.
       title: figure title (e.g. the run name).
+      label_name: what a label is, for the legend ("class", "identity").
     """
     from matplotlib import colormaps
-    fig = _figure(4.5 * len(embeddings), 4.5)
-    axes = np.atleast_1d(fig.subplots(1, len(embeddings)))
     labels = np.asarray(labels)
-    cmap = colormaps["tab10" if labels.max(initial=0) < 10 else "tab20"]
+    shown = legend_classes(labels)
+    if len(shown) <= 10:
+        colours = colormaps["tab10"].colors
+    else:
+        colours = [c for c in colormaps["tab20"].colors if len(set(c)) > 1]  # no greys
+    fig = _figure(4.2 * len(embeddings) + 1.6, 4.4)
+    axes = np.atleast_1d(fig.subplots(1, len(embeddings)))
+    other = ~np.isin(labels, shown)
     for ax, (peer, points) in zip(axes, embeddings.items()):
-        ax.scatter(points[:, 0], points[:, 1], c=cmap(labels % cmap.N), s=6)
+        ax.scatter(points[other, 0], points[other, 1], c="0.8", s=4)
+        for j, label in enumerate(shown):
+            mine = labels == label
+            ax.scatter(points[mine, 0], points[mine, 1], color=colours[j % len(colours)], s=8,
+                       label=str(label) if ax is axes[0] else None)
         ax.set_title(peer)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title)
-    fig.savefig(path, dpi=120)
+    num_classes = len(np.unique(labels))
+    fig.legend(loc="outside right center", fontsize=7, markerscale=1.5,
+               title=f"{label_name} (of {num_classes})" if other.any() else label_name)
+    if other.any():
+        title += (f"\n{len(shown)} most frequent of {num_classes} {PLURALS[label_name]} coloured; "
+                  f"the other {int(other.sum())} points grey")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=150)
+    return fig
 
 
 # One run, several runs.
 
 def analyze_cohort(models, data, *, peer_names=None, sigmas=DEFAULT_SIGMAS, draws=3,
                    train_samples=0, noise_samples=1000, tsne_samples=500, seed=0,
-                   batch_size=256):
+                   batch_size=256, progress=None):
     """Every quantity of this module for the models of one cohort on one ImageData.
 
     Args:
@@ -320,22 +427,26 @@ def analyze_cohort(models, data, *, peer_names=None, sigmas=DEFAULT_SIGMAS, draw
       tsne_samples: test examples for the t-SNE (0: no t-SNE).
       seed: seed of the subsets, the noise and the t-SNE.
       batch_size: examples per forward pass.
+      progress: called with a line as each stage starts; None: silent.
 
     Returns:
       A JSON-ready dict: "peers" ({"peer1": {net, entropy, train_ce, train_top1, top5_mass,
-      noise_loss, noise_loss_std}, ...}), "noise", "train_examples", and "tsne" (with the
-      coordinates) when tsne_samples > 0.
+      noise_loss, noise_loss_std}, ...}), "noise", "train_examples", "num_classes", and
+      "tsne" (with the coordinates) when tsne_samples > 0.
     """
+    say = progress or (lambda message: None)
     peer_names = list(peer_names or [m.name for m in models])
     train = seeded_subset(len(data.x_train), train_samples, seed)
+    say(f"entropy and top-5 mass: {len(train)} training images through {len(models)} peers")
     x, y = data.x_train[train], data.y_train[train]
     logits = predict_logits(models, x, data.mean, data.std, batch_size)
     noisy = seeded_subset(len(data.x_train), noise_samples, seed + 1)
-    result = {"train_examples": int(len(train)),
+    result = {"train_examples": int(len(train)), "num_classes": int(data.num_classes),
               "noise": {"sigmas": [float(s) for s in sigmas], "draws": int(draws),
                         "examples": int(len(noisy)), "seed": int(seed)},
               "peers": {}}
     for k, (model, z) in enumerate(zip(models, logits), start=1):
+        say(f"peer{k}: noise curve, {len(sigmas)} σ × {draws} draws on {len(noisy)} images")
         noise = noise_robustness(model, data.x_train[noisy], data.y_train[noisy], data.mean,
                                  data.std, sigmas, draws, seed, batch_size)
         result["peers"][f"peer{k}"] = {
@@ -349,9 +460,11 @@ def analyze_cohort(models, data, *, peer_names=None, sigmas=DEFAULT_SIGMAS, draw
         }
     if tsne_samples > 0:
         test = seeded_subset(len(data.x_test), tsne_samples, seed + 2)
-        points = {f"peer{k}": tsne_embedding(predict_features(m, data.x_test[test], data.mean,
-                                                              data.std, batch_size), seed)
-                  for k, m in enumerate(models, start=1)}
+        points = {}
+        for k, model in enumerate(models, start=1):
+            say(f"peer{k}: t-SNE of {len(test)} test features")
+            points[f"peer{k}"] = tsne_embedding(
+                predict_features(model, data.x_test[test], data.mean, data.std, batch_size), seed)
         result["tsne"] = {"examples": int(len(test)), "seed": int(seed),
                           "labels": data.y_test[test].tolist(),
                           "points": {p: np.round(v, 4).tolist() for p, v in points.items()}}
@@ -359,33 +472,45 @@ def analyze_cohort(models, data, *, peer_names=None, sigmas=DEFAULT_SIGMAS, draw
 
 
 def write_run_outputs(result, folder):
-    """Writes one run's analysis.json and its four PNGs into `folder`; returns the JSON path."""
+    """Writes one run's four PNGs and analysis.json into `folder`.
+
+    Returns:
+      The written files' paths, the JSON last.
+    """
     runs = {result["run"]: result}
-    plot_entropy(runs, os.path.join(folder, PLOT_NAMES["entropy"]))
-    plot_noise(runs, os.path.join(folder, PLOT_NAMES["noise"]))
-    plot_top5(runs, os.path.join(folder, PLOT_NAMES["top5"]))
+    written = []
+    for key, plot in (("entropy", plot_entropy), ("noise", plot_noise), ("top5", plot_top5)):
+        written.append(os.path.join(folder, PLOT_NAMES[key]))
+        plot(runs, written[-1])
     result["plots"] = {k: v for k, v in PLOT_NAMES.items() if k != "tsne"}
     if "tsne" in result:
         tsne = result["tsne"]
+        written.append(os.path.join(folder, PLOT_NAMES["tsne"]))
         plot_tsne({p: np.asarray(v) for p, v in tsne["points"].items()}, tsne["labels"],
-                  os.path.join(folder, PLOT_NAMES["tsne"]),
-                  f"{result['run']}: t-SNE of the test features")
+                  written[-1], f"{result['run']}: t-SNE of the test features",
+                  label_name="identity" if result.get("dataset") == "market1501" else "class")
         result["plots"]["tsne"] = PLOT_NAMES["tsne"]
-    path = os.path.join(folder, JSON_NAME)
-    train_lib.write_json_atomically(path, result)
-    return path
+    written.append(os.path.join(folder, JSON_NAME))
+    train_lib.write_json_atomically(written[-1], result)
+    return written
 
 
 def write_overlays(results, out_dir):
-    """The entropy, noise and top-5 plots of several runs overlaid, and their JSON, in out_dir."""
+    """The entropy, noise and top-5 plots of several runs overlaid, and their JSON, in out_dir.
+
+    Returns:
+      The written files' paths, the JSON last.
+    """
     os.makedirs(out_dir, exist_ok=True)
     runs = {r["run"]: r for r in results}
+    written = []
     for key, plot in (("entropy", plot_entropy), ("noise", plot_noise), ("top5", plot_top5)):
-        plot(runs, os.path.join(out_dir, PLOT_NAMES[key]))
+        written.append(os.path.join(out_dir, PLOT_NAMES[key]))
+        plot(runs, written[-1])
     summary = {name: {k: v for k, v in r.items() if k != "tsne"} for name, r in runs.items()}
-    path = os.path.join(out_dir, JSON_NAME)
-    train_lib.write_json_atomically(path, summary)
-    return path
+    written.append(os.path.join(out_dir, JSON_NAME))
+    train_lib.write_json_atomically(written[-1], summary)
+    return written
 
 
 def run_names(model_dirs):
@@ -395,12 +520,30 @@ def run_names(model_dirs):
             if names.count(n) > 1 else n for d, n in zip(model_dirs, names)]
 
 
-def analyze_runs(model_dirs, out_dir=None, **options):
+class Progress:
+    """Progress lines: the seconds since the start, then the message.
+
+    Plain lines, flushed one by one, with no carriage return or colour code, so that a log
+    file or a pipe reads as a terminal does.
+    """
+
+    def __init__(self, stream=None):
+        self._stream = stream  # None: sys.stdout at each call (pytest swaps it)
+        self._start = time.monotonic()
+
+    def __call__(self, message):
+        print(f"[{time.monotonic() - self._start:6.1f} s] {message}",
+              file=self._stream or sys.stdout, flush=True)
+
+
+def analyze_runs(model_dirs, out_dir=None, progress=None, **options):
     """Analyses every run (results in its folder), then overlays them in out_dir.
 
     Args:
       model_dirs: finished runs' folders (flags.json, checkpoints/).
       out_dir: where the plots overlaying several runs go; required with more than one run.
+      progress: called with a line per run and stage, then the written files' paths
+        (e.g. `Progress()`); None: silent.
       **options: `analyze_cohort` keyword arguments.
 
     Returns:
@@ -410,23 +553,31 @@ def analyze_runs(model_dirs, out_dir=None, **options):
         raise UserError("Pass at least one --model_dir (a finished run's folder).")
     if len(model_dirs) > 1 and not out_dir:
         raise UserError("With several --model_dir, pass --out_dir for the plots that overlay them.")
-    results = []
-    for model_dir, name in zip(model_dirs, run_names(model_dirs)):
+    say = progress or (lambda message: None)
+    results, written = [], []
+    for i, (model_dir, name) in enumerate(zip(model_dirs, run_names(model_dirs)), start=1):
+        run_say = lambda message, head=f"run {i}/{len(model_dirs)} {name}": say(f"{head}: {message}")
+        run_say(f"restoring {model_dir}")
         config, cohort, data = train_lib.restore_cohort(model_dir)
         if data is None:
             raise UserError(f"--model_dir={model_dir} is a {config.dataset} run; the analysis "
                             "reads in-memory images (cifar10, cifar100, digits, npz, market1501).")
-        print(f"Analysing {model_dir} ({config.method}, {','.join(config.nets)}) ...")
         result = {"run": name, "model_dir": os.path.abspath(model_dir),
                   "dataset": config.dataset, "method": config.method, "nets": list(config.nets)}
-        result.update(analyze_cohort(cohort.models, data, peer_names=config.nets, **options))
-        print(f"  {write_run_outputs(result, model_dir)}")
+        result.update(analyze_cohort(cohort.models, data, peer_names=config.nets,
+                                     progress=run_say, **options))
         for peer, values in result["peers"].items():
-            print(f"  {peer}: entropy {values['entropy']:.4f}, train CE {values['train_ce']:.4f}, "
-                  f"top-5 mass {', '.join(f'{v:.3f}' for v in values['top5_mass'])}")
+            run_say(f"{peer}: entropy {values['entropy']:.4f}, train CE {values['train_ce']:.4f},"
+                    f" top-5 mass {', '.join(f'{v:.3f}' for v in values['top5_mass'])}")
+        run_say("plots")
+        written += write_run_outputs(result, model_dir)
         results.append(result)
     if out_dir:
-        print(f"  {write_overlays(results, out_dir)}")
+        say(f"overlays of {len(results)} runs")
+        written += write_overlays(results, out_dir)
+    say("wrote:")
+    for path in written:
+        say(f"  {path}")
     return results
 
 
@@ -473,7 +624,7 @@ def main(argv=None):
                      draws=flag_values.draws, train_samples=flag_values.train_samples,
                      noise_samples=flag_values.noise_samples,
                      tsne_samples=flag_values.tsne_samples, seed=flag_values.seed,
-                     batch_size=flag_values.batch_size)
+                     batch_size=flag_values.batch_size, progress=Progress())
     except (UserError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Pure tensor functions for the losses of METHODS.md.
+"""Pure tensor functions for the losses of docs/methods.md.
 
 Conventions (paper Eq. 4): divergences sum over classes and average over the batch.
 No function here stops gradients: which side of a divergence is a constant target is

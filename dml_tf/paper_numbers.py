@@ -4,7 +4,7 @@ Transcribed from Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning", CVPR 201
 (arXiv 1706.00384): Table 2 (CIFAR-10/100 top-1, six pairs), Table 3 (Market-1501, mean of
 the two MobileNets), Table 4 (distillation vs DML) and Table 5 (entropy and L2 baselines on
 Market-1501), and the training-set entropies of Sec. 4.8. Metric names are those of
-results.json (DESIGN.md): "test/peer{k}/top1", "test/peer{k}/mAP", "test/mean/mAP",
+results.json (docs/design.md): "test/peer{k}/top1", "test/peer{k}/mAP", "test/mean/mAP",
 "test/mean/rank1", and the multi-query "test/mean/mq_mAP", "test/mean/mq_rank1".
 
 Where the tables disagree the entry keeps both, each under its own metric:

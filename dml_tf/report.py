@@ -11,6 +11,10 @@ dml_tf.analysis` also show their training-set entropy and links to the analysis 
 relative to --link_base (default: the current directory, where report.md is written).
 """
 
+if __name__ == "__main__":  # Before any TensorFlow import: silence its C++ start-up lines.
+    from dml_tf import quiet_start
+    quiet_start.quiet()
+
 import json
 import os
 import sys
@@ -73,7 +77,7 @@ def paper_for(run):
 
 
 def as_percent(value):
-    """results.json keeps fractions (DESIGN.md); a value above 1 is taken as percent already."""
+    """results.json keeps fractions (docs/design.md); a value above 1 is taken as percent already."""
     return None if value is None else (value if value > 1.0 else 100.0 * value)
 
 

@@ -2,10 +2,12 @@
 
 import dataclasses
 import json
+import os
 
 import keras
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 
 from dml_tf import analysis, train_lib
 from dml_tf import config as config_lib
@@ -113,28 +115,115 @@ def test_noise_perturbs_the_trainable_weights_only():
         np.testing.assert_array_equal(value, variable.numpy())
 
 
-def _result(name, sigmas=(0.0, 0.01)):
-    peers = {f"peer{k}": {"net": "tiny", "entropy": 0.3 * k, "train_ce": 0.1, "train_top1": 1.0,
+def _result(name, sigmas=(0.0, 0.01), dataset="digits", method="dml", net="tiny"):
+    peers = {f"peer{k}": {"net": net, "entropy": 0.3 * k, "train_ce": 0.1, "train_top1": 1.0,
                           "top5_mass": [0.9, 0.05, 0.02, 0.01, 0.005],
                           "noise_loss": [0.1, 0.2 * k], "noise_loss_std": [0.0, 0.01]}
              for k in (1, 2)}
-    return {"run": name, "peers": peers, "noise": {"sigmas": list(sigmas)}, "train_examples": 9,
+    return {"run": name, "dataset": dataset, "method": method, "peers": peers,
+            "noise": {"sigmas": list(sigmas)}, "train_examples": 9,
             "tsne": {"labels": [0, 1, 2, 1], "points": {"peer1": np.eye(4, 2).tolist(),
                                                          "peer2": np.ones((4, 2)).tolist()}}}
 
 
 def test_plots_and_json_are_written(tmp_path):
-    path = analysis.write_run_outputs(_result("dml"), str(tmp_path))
-    saved = json.loads(open(path).read())
+    written = analysis.write_run_outputs(_result("dml"), str(tmp_path))
+    assert sorted(os.path.basename(p) for p in written) == sorted(
+        ["analysis.json", "analysis_entropy.png", "analysis_noise.png", "analysis_top5.png",
+         "analysis_tsne.png"])
+    saved = json.loads(open(written[-1]).read())
     assert set(saved["plots"]) == {"entropy", "noise", "top5", "tsne"}
     for name in saved["plots"].values():
         assert (tmp_path / name).read_bytes().startswith(PNG)
     out = tmp_path / "overlay"
-    summary = json.loads(open(analysis.write_overlays([_result("dml"), _result("ind")],
-                                                      str(out))).read())
+    written = analysis.write_overlays([_result("dml"), _result("ind")], str(out))
+    summary = json.loads(open(written[-1]).read())
     assert set(summary) == {"dml", "ind"} and "tsne" not in summary["dml"]
     for name in ("analysis_entropy.png", "analysis_noise.png", "analysis_top5.png"):
-        assert (out / name).read_bytes().startswith(PNG)
+        assert str(out / name) in written and (out / name).read_bytes().startswith(PNG)
+
+
+def _legend_texts(fig):
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()] + list(fig.legends)
+    return [t.get_text() for legend in legends for t in legend.get_texts()]
+
+
+def _colours(artists):
+    return {to_hex(a.get_facecolor()) for a in artists}
+
+
+def test_paper_entropy_is_quoted_only_beside_a_run_on_the_papers_dataset(tmp_path):
+    digits = {"dml": _result("dml", net="resnet32"),
+              "ind": _result("ind", method="independent", net="resnet32")}
+    fig = analysis.plot_entropy(digits, str(tmp_path / "digits.png"))
+    (ax,) = fig.axes
+    assert "paper" not in ax.get_title() and not ax.collections  # no paper marks
+    assert "1.7099" not in ax.get_title() and "0.26" not in ax.get_title()
+    npz = {"dml": _result("dml", dataset="npz", net="resnet32")}
+    assert "paper" not in analysis.plot_entropy(npz, str(tmp_path / "npz.png")).axes[0].get_title()
+    cifar = {"dml": _result("dml", dataset="cifar100", net="resnet32"),
+             "ind": _result("ind", dataset="cifar100", method="independent", net="resnet32"),
+             "digits": _result("digits", net="resnet32")}
+    ax = analysis.plot_entropy(cifar, str(tmp_path / "cifar.png")).axes[0]
+    assert "dml 1.7099" in ax.get_title() and "independent 0.2602" in ax.get_title()
+    # The paper's mark sits on the four CIFAR-100 bars, at its values, and not on the digits'.
+    marks = np.concatenate([c.get_segments() for c in ax.collections])
+    assert sorted(np.round(marks[:, 0, 1], 4)) == [0.2602, 0.2602, 1.7099, 1.7099]
+    centres = [patch.get_x() + patch.get_width() / 2 for patch in ax.patches]
+    np.testing.assert_allclose(sorted(marks[:, :, 0].mean(axis=1)), centres[:4])  # not the digits
+    # One colour per run and peer, each in the legend.
+    assert len(_colours(ax.patches)) == 6
+    assert {"dml · peer1 (resnet32)", "digits · peer2 (resnet32)", "paper, Sec. 4.8"} <= set(
+        _legend_texts(ax.figure))
+
+
+def test_noise_plot_shows_sigma_0_and_one_colour_per_run_and_peer(tmp_path):
+    sigmas = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)
+    runs = {}
+    for name in ("dml", "ind"):
+        runs[name] = _result(name, sigmas=sigmas)
+        for k, peer in enumerate(runs[name]["peers"].values(), start=1):
+            peer["noise_loss"] = [0.1 + k * s for s in sigmas]
+            peer["noise_loss_std"] = [0.0] * len(sigmas)
+    fig = analysis.plot_noise(runs, str(tmp_path / "noise.png"))
+    loss_ax, rise_ax = fig.axes
+    for ax in fig.axes:
+        assert ax.get_xscale() == "symlog"
+        left, right = ax.get_xlim()
+        assert left < 0.0 and right > 0.02
+        # The small σ are spread out: 0.001 and 0.002 lie far apart on the drawn axis.
+        to_axis = ax.transScale.transform
+        drawn = [to_axis((s, 1.0))[0] for s in (0.0, 0.001, 0.002, 0.02)]
+        assert drawn[2] - drawn[1] > 0.1 * (drawn[3] - drawn[0])
+    lines = [c.lines[0] for c in loss_ax.containers]  # each errorbar's data line
+    assert len({to_hex(l.get_color()) for l in lines}) == 4
+    assert len(_legend_texts(fig)) == 4
+    # The right panel is the increase over σ = 0: k·σ for peer k.
+    rises = [np.asarray(c.lines[0].get_ydata(), float) for c in rise_ax.containers]
+    np.testing.assert_allclose(rises[1], [2 * s for s in sigmas], atol=1e-12)
+    np.testing.assert_allclose(rises[2], sigmas, atol=1e-12)
+
+
+def test_tsne_legend_names_every_class_or_the_most_frequent(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 5)
+    fig = analysis.plot_tsne({"peer1": rng.normal(size=(20, 2)), "peer2": rng.normal(size=(20, 2))},
+                             labels, str(tmp_path / "few.png"), "run")
+    assert _legend_texts(fig) == ["0", "1", "2", "3"] and fig.legends[0].get_title().get_text() == "class"
+    # 30 identities: the 18 most frequent are named (ties to the smaller label), the rest grey.
+    many = np.concatenate([np.repeat(np.arange(30), 2), np.arange(10, 28)])  # 10..27 thrice
+    assert analysis.MAX_TSNE_LEGEND == 18
+    assert analysis.legend_classes(many) == list(range(10, 28))
+    assert analysis.legend_classes(many, cap=20) == [0, 1] + list(range(10, 28))
+    fig = analysis.plot_tsne({"peer1": rng.normal(size=(len(many), 2))}, many,
+                             str(tmp_path / "many.png"), "run", label_name="identity")
+    texts = _legend_texts(fig)
+    assert len(texts) == 18 and "27" in texts and "28" not in texts and "9" not in texts
+    handles = fig.legends[0].legend_handles
+    assert len({to_hex(h.get_facecolor()[0]) for h in handles}) == 18
+    assert all(len(set(np.round(h.get_facecolor()[0][:3], 3))) > 1 for h in handles)  # no grey
+    assert "18 most frequent of 30 identities" in fig._suptitle.get_text()
+    assert "other 24 points grey" in fig._suptitle.get_text()
 
 
 def test_tsne_is_seeded():
@@ -181,10 +270,25 @@ def test_command_line_on_trained_runs(trained_runs, capsys):
     status = analysis.main(["analysis", *(f"--model_dir={d}" for d in dirs), f"--out_dir={out}",
                             "--sigmas=0,0.01,0.1", "--draws=2", "--noise_samples=16",
                             "--tsne_samples=10"])
-    assert status == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    lines = captured.out.splitlines()
+    assert "\r" not in captured.out and "\x1b" not in captured.out  # plain lines for a log file
+    assert all(line.startswith("[") and " s] " in line for line in lines)
+    for stage in ("run 1/2 dml: restoring", "run 1/2 dml: entropy and top-5 mass",
+                  "run 2/2 independent: peer2: noise curve, 3 σ × 2 draws on 16 images",
+                  "run 2/2 independent: peer1: t-SNE of 10 test features", "overlays of 2 runs"):
+        assert any(stage in line for line in lines), stage
+    printed = {line.split("] ", 1)[1].strip() for line in lines}
+    expected = {str(d / name) for d in dirs for name in (
+        "analysis.json", "analysis_entropy.png", "analysis_noise.png", "analysis_top5.png",
+        "analysis_tsne.png")} | {str(out / name) for name in (
+        "analysis.json", "analysis_entropy.png", "analysis_noise.png", "analysis_top5.png")}
+    assert expected <= printed
     for model_dir in dirs:
         result = json.loads((model_dir / "analysis.json").read_text())
         assert result["method"] == model_dir.name and result["train_examples"] == 40
+        assert result["num_classes"] == 4
         assert result["noise"]["examples"] == 16 and len(result["tsne"]["labels"]) == 10
         for peer in ("peer1", "peer2"):
             values = result["peers"][peer]

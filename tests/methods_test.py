@@ -1,4 +1,4 @@
-"""The methods' losses against numpy formulas of METHODS.md, and their gradients."""
+"""The methods' losses against numpy formulas of docs/methods.md, and their gradients."""
 
 import numpy as np
 import pytest

@@ -15,7 +15,7 @@ class EntropyRegularised(base.Method):
     Pereyra, Tucker, Chorowski, Kaiser & Hinton 2017, "Regularizing neural networks by
     penalizing confident output distributions" (the confidence penalty, the paper's ref. [17]).
     The paper's Table 5 row cites ref. [4] (Entropy-SGD, which maximises the *local entropy
-    of the loss landscape*, an optimiser rather than a loss term); METHODS.md reads the row as
+    of the loss landscape*, an optimiser rather than a loss term); docs/methods.md reads the row as
     this posterior-entropy penalty, which is what Sec. 4.8's "blind high-entropy preference"
     describes. Peers do not interact: any cohort size, each peer is an independent baseline.
 
