@@ -28,7 +28,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from dml_tf import paper_numbers, train_lib
+from dml_tf import paper_numbers, run_dir, train_lib
 from dml_tf.data import pipeline
 from dml_tf.errors import UserError
 
@@ -491,7 +491,7 @@ def write_run_outputs(result, folder):
                   label_name="identity" if result.get("dataset") == "market1501" else "class")
         result["plots"]["tsne"] = PLOT_NAMES["tsne"]
     written.append(os.path.join(folder, JSON_NAME))
-    train_lib.write_json_atomically(written[-1], result)
+    run_dir.write_json_atomically(written[-1], result)
     return written
 
 
@@ -509,7 +509,7 @@ def write_overlays(results, out_dir):
         plot(runs, written[-1])
     summary = {name: {k: v for k, v in r.items() if k != "tsne"} for name, r in runs.items()}
     written.append(os.path.join(out_dir, JSON_NAME))
-    train_lib.write_json_atomically(written[-1], summary)
+    run_dir.write_json_atomically(written[-1], summary)
     return written
 
 
