@@ -10,7 +10,7 @@ with uint8 `x_train` [N, 32, 32, 3], `y_train`, `x_test`, `y_test` (ours,
 prints, per method, each peer's and the ensemble's test top-1 and each peer's mean
 posterior entropy on the training set (paper Sec. 4.8: DML's is higher).
 
-  .venv/bin/python bench/cifar10_subset.py --npz=PATH [--epochs=8]
+  .venv/bin/python bench/cifar10_subset.py --npz=PATH [--epochs=8] [--seeds=0,1,2]
 
 --npz is required unless the environment variable DML_TF_CIFAR10_SUBSET holds the path.
 """
@@ -47,7 +47,12 @@ flags.DEFINE_list("precisions", ["float32"], "--precision of each run (every met
 flags.DEFINE_string("nets", "resnet32,resnet32", "The cohort.")
 flags.DEFINE_string("update", "sequential", "Update order.")
 flags.DEFINE_string("out_dir", "/tmp/dml_tf_bench_cifar10_subset", "Where the runs go.")
-flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_list("seeds", ["0"], "Seeds: every method runs once per seed (the same seeds for "
+                  "every method, so seed s of dml and of independent share initialisation and "
+                  "data order); with several, the table gives mean ± std and the paired "
+                  "differences of the methods against the first one.")
+flags.DEFINE_float("warmup_epochs", 0.0, "Linear learning-rate warm-up (--warmup_epochs of the "
+                   "run scripts; 0: off, as in the paper).")
 flags.DEFINE_string("teacher_checkpoint", None, "kd: the teacher run (its peer 1 is the teacher).")
 FLAGS = flags.FLAGS
 
@@ -71,6 +76,68 @@ def train_entropy(cohort, data):
     return totals / len(data.x_train)
 
 
+def run_one(data, method, precision, seed):
+    """Trains (or, where its model_dir holds the finished run, restores) one method and seed."""
+    cfg = config_lib.Config(
+        # dataset "npz" at the file: `python -m dml_tf.analysis` can restore these runs.
+        dataset="npz", data_dir=os.path.abspath(FLAGS.npz), nets=config_lib.parse_nets(FLAGS.nets),
+        method=method, update=FLAGS.update, epochs=FLAGS.epochs, batch_size=64,
+        learning_rate=FLAGS.learning_rate, lr_decay_rate=0.1,
+        lr_decay_epochs=max(1, round(FLAGS.decay_at * FLAGS.epochs)),
+        warmup_epochs=FLAGS.warmup_epochs, weight_decay=5e-4, seed=seed, eval_every_epochs=1,
+        export=False,
+        # KDCL's second ingredient: each peer sees its own augmentation of the batch.
+        per_peer_augmentation=method.startswith("kdcl"),
+        teacher_checkpoint=FLAGS.teacher_checkpoint if method == "kd" else None,
+        precision=precision,
+        model_dir=os.path.join(FLAGS.out_dir, f"{method}_{precision}_seed{seed}"
+                               if precision != "float32" else f"{method}_seed{seed}"))
+    started = time.time()
+    cohort, results = train_lib.train_cohort(cfg, tasks.ClassificationTask(data))
+    return results, train_entropy(cohort, data), time.time() - started
+
+
+def _mean_std(values, digits=2, sign=""):
+    """'mean ± sample std' of the values (sign="+" for differences)."""
+    values = np.asarray(values, float)
+    text = f"{values.mean():{sign}.{digits}f}"
+    return f"{text} ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else text
+
+
+def print_tables(runs, k, seeds):
+    """Per-seed rows, then per method mean ± std (sample std), then paired differences."""
+    names = [f"peer{i}" for i in range(1, k + 1)] + ["ensemble"]
+
+    def top1(results, name):
+        return 100 * results[f"test/{name}/top1"]
+
+    header = ["method", "seed"] + [f"{n} top1" for n in names] + [
+        f"peer{i} entropy" for i in range(1, k + 1)] + ["minutes"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for (method, seed), (results, entropy, seconds) in runs.items():
+        cells = [method, str(seed)] + [f"{top1(results, n):.2f}" for n in names]
+        print("| " + " | ".join(cells + [f"{e:.4f}" for e in entropy] + [f"{seconds / 60:.1f}"]) + " |")
+    methods = list(dict.fromkeys(m for m, _ in runs))
+    if len(seeds) < 2:
+        return
+    print(f"\nMean ± std over seeds {', '.join(map(str, seeds))}:")
+    header = ["method"] + [f"{n} top1" for n in names] + [f"peer{i} entropy" for i in range(1, k + 1)]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for method in methods:
+        cells = [method] + [_mean_std([top1(runs[method, s][0], n) for s in seeds]) for n in names]
+        cells += [_mean_std([runs[method, s][1][i] for s in seeds], digits=4) for i in range(k)]
+        print("| " + " | ".join(cells) + " |")
+    base = methods[0]
+    for method in methods[1:]:
+        print(f"\nPaired difference {method} − {base}, top-1 points, per seed:")
+        print("| " + " | ".join(["seed"] + names) + " |\n|" + "---|" * (len(names) + 1))
+        diffs = {n: [top1(runs[method, s][0], n) - top1(runs[base, s][0], n) for s in seeds]
+                 for n in names}
+        for j, seed in enumerate(seeds):
+            print("| " + " | ".join([str(seed)] + [f"{diffs[n][j]:+.2f}" for n in names]) + " |")
+        print("| mean ± std | " + " | ".join(_mean_std(diffs[n], sign="+") for n in names) + " |")
+
+
 def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -79,37 +146,18 @@ def main(argv):
     if not os.path.exists(FLAGS.npz):
         sys.exit(f"error: {FLAGS.npz} not found; pass --npz at cifar10_subset_train4000_test1000.npz.")
     data = load_subset(FLAGS.npz)
-    rows = []
-    for method, precision in [(m, p) for m in FLAGS.methods for p in FLAGS.precisions]:
-        cfg = config_lib.Config(
-            # dataset "npz" at the file: `python -m dml_tf.analysis` can restore these runs.
-            dataset="npz", data_dir=os.path.abspath(FLAGS.npz), nets=config_lib.parse_nets(FLAGS.nets), method=method,
-            update=FLAGS.update, epochs=FLAGS.epochs, batch_size=64,
-            learning_rate=FLAGS.learning_rate, lr_decay_rate=0.1,
-            lr_decay_epochs=max(1, round(FLAGS.decay_at * FLAGS.epochs)), weight_decay=5e-4,
-            seed=FLAGS.seed, eval_every_epochs=FLAGS.epochs, export=False,
-            # KDCL's second ingredient: each peer sees its own augmentation of the batch.
-            per_peer_augmentation=method.startswith("kdcl"),
-            teacher_checkpoint=FLAGS.teacher_checkpoint if method == "kd" else None,
-            precision=precision,
-            model_dir=os.path.join(FLAGS.out_dir, f"{method}_{precision}_seed{FLAGS.seed}"
-                                   if precision != "float32" else f"{method}_seed{FLAGS.seed}"))
-        started = time.time()
-        cohort, results = train_lib.train_cohort(cfg, tasks.ClassificationTask(data))
-        name = method if precision == "float32" else f"{method} ({precision})"
-        rows.append((name, results, train_entropy(cohort, data), time.time() - started))
+    seeds = [int(s) for s in FLAGS.seeds]
+    runs = {}
+    for precision in FLAGS.precisions:
+        for seed in seeds:
+            for method in FLAGS.methods:
+                name = method if precision == "float32" else f"{method} ({precision})"
+                runs[name, seed] = run_one(data, method, precision, seed)
     k = len(config_lib.parse_nets(FLAGS.nets))
-    header = ["method"] + [f"peer{i} top1" for i in range(1, k + 1)] + ["ensemble top1"] + [
-        f"peer{i} entropy" for i in range(1, k + 1)] + ["minutes"]
     print(f"\nReal CIFAR-10 subset (4000 train / 1000 test), {FLAGS.nets}, {FLAGS.epochs} epochs, "
-          f"{FLAGS.update}, seed {FLAGS.seed}, TF {tf.__version__}")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for method, results, entropy, seconds in rows:
-        cells = [method] + [f"{100 * results[f'test/peer{i}/top1']:.2f}" for i in range(1, k + 1)]
-        cells += [f"{100 * results['test/ensemble/top1']:.2f}"] + [f"{e:.4f}" for e in entropy]
-        cells += [f"{seconds / 60:.1f}"]
-        print("| " + " | ".join(cells) + " |")
+          f"lr {FLAGS.learning_rate} (warm-up {FLAGS.warmup_epochs} epochs, ×0.1 after "
+          f"{max(1, round(FLAGS.decay_at * FLAGS.epochs))}), {FLAGS.update}, TF {tf.__version__}")
+    print_tables(runs, k, seeds)
 
 
 if __name__ == "__main__":
