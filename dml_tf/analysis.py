@@ -22,13 +22,13 @@ if __name__ == "__main__":  # Before TensorFlow's import: silence its C++ start-
 
 import os
 import sys
-import time
 import weakref
 
 import numpy as np
 import tensorflow as tf
 
 from dml_tf import paper_numbers, run_dir, train_lib
+from dml_tf.report import Progress
 from dml_tf.data import pipeline
 from dml_tf.errors import UserError
 
@@ -520,22 +520,6 @@ def run_names(model_dirs):
             if names.count(n) > 1 else n for d, n in zip(model_dirs, names)]
 
 
-class Progress:
-    """Progress lines: the seconds since the start, then the message.
-
-    Plain lines, flushed one by one, with no carriage return or colour code, so that a log
-    file or a pipe reads as a terminal does.
-    """
-
-    def __init__(self, stream=None):
-        self._stream = stream  # None: sys.stdout at each call (pytest swaps it)
-        self._start = time.monotonic()
-
-    def __call__(self, message):
-        print(f"[{time.monotonic() - self._start:6.1f} s] {message}",
-              file=self._stream or sys.stdout, flush=True)
-
-
 def analyze_runs(model_dirs, out_dir=None, progress=None, **options):
     """Analyses every run (results in its folder), then overlays them in out_dir.
 
@@ -543,7 +527,7 @@ def analyze_runs(model_dirs, out_dir=None, progress=None, **options):
       model_dirs: finished runs' folders (flags.json, checkpoints/).
       out_dir: where the plots overlaying several runs go; required with more than one run.
       progress: called with a line per run and stage, then the written files' paths
-        (e.g. `Progress()`); None: silent.
+        (e.g. `Progress()`, as the command line does); None: silent.
       **options: `analyze_cohort` keyword arguments.
 
     Returns:

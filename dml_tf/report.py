@@ -18,6 +18,7 @@ if __name__ == "__main__":  # Before any TensorFlow import: silence its C++ star
 import json
 import os
 import sys
+import time
 
 from dml_tf import paper_numbers
 from dml_tf.errors import UserError
@@ -47,6 +48,24 @@ def _load_json(path):
         return None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); rerun or delete it.") from None
+
+
+class Progress:
+    """Progress lines of the report and analysis command lines: seconds since the start, then
+    the message.
+
+    Plain lines, flushed one by one, with no carriage return or colour code, so that a log
+    file or a pipe reads as a terminal does. (Here, not in dml_tf.analysis, because this
+    module imports no TensorFlow.)
+    """
+
+    def __init__(self, stream=None):
+        self._stream = stream  # None: sys.stdout at each call (pytest swaps it)
+        self._start = time.monotonic()
+
+    def __call__(self, message):
+        print(f"[{time.monotonic() - self._start:6.1f} s] {message}",
+              file=self._stream or sys.stdout, flush=True)
 
 
 def read_run(run_dir):
@@ -142,15 +161,22 @@ def _method_cell(flags):
     return f"{flags.get('method', DASH)}" + (f" ({extra})" if extra else "")
 
 
-def render(run_dirs, link_base=".", compare_as=None):
+def render(run_dirs, link_base=".", compare_as=None, progress=None):
     """The markdown report of `run_dirs` (see the module docstring).
 
     `compare_as` names the paper dataset that runs on an .npz subset (dataset "npz", e.g. the
-    real 4,000-image CIFAR-10 subset) are set beside; their dataset cell says so.
+    real 4,000-image CIFAR-10 subset) are set beside; their dataset cell says so. `progress`
+    is called with a line per run read (e.g. `Progress(sys.stderr)`); None: silent.
     """
     if not run_dirs:
         raise UserError("Pass at least one run folder: python -m dml_tf.report RUN_DIR ... > report.md")
-    runs = [read_run(d) for d in run_dirs]
+    runs = []
+    for i, run_dir in enumerate(run_dirs, start=1):
+        runs.append(read_run(run_dir))
+        if progress:
+            found = [name for name in ("results", "analysis") if runs[-1][name] is not None]
+            progress(f"run {i}/{len(run_dirs)} {run_dir}: flags.json"
+                     + "".join(f", {name}.json" for name in found))
     if compare_as:
         for run in runs:
             if run["flags"].get("dataset") == "npz":
@@ -209,7 +235,11 @@ def main(argv=None):
         return 0
     try:
         run_dirs = flag_values(argv)[1:]
-        sys.stdout.write(render(run_dirs, flag_values.link_base, flag_values.compare_as))
+        # Progress on stderr: stdout is the report, usually redirected into report.md.
+        progress = Progress(sys.stderr)
+        sys.stdout.write(render(run_dirs, flag_values.link_base, flag_values.compare_as,
+                                progress))
+        progress("wrote the report to standard output")
     except (UserError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -138,9 +138,15 @@ def test_command_line(tmp_path, capsys):
     run = _write_run(tmp_path, "dml", _cifar("dml", ["resnet32", "resnet32"]),
                      {"test/peer1/top1": 0.7119, "test/peer2/top1": 0.7075})
     assert report.main(["report", str(run)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.startswith("# ") and "| dml | dml | resnet32, resnet32 | cifar100 |" in out
     assert "+0.00 / +0.00" in out
+    assert "[" not in out.splitlines()[0] and " s] " not in out  # progress stays off the report
+    lines = captured.err.splitlines()
+    assert len(lines) == 2 and "\r" not in captured.err and "\x1b" not in captured.err
+    assert lines[0].endswith(f"] run 1/1 {run}: flags.json, results.json")
+    assert lines[1].endswith("] wrote the report to standard output")
     assert report.main(["report", str(tmp_path / "nothing")]) == 2
     assert "flags.json" in capsys.readouterr().err
     assert report.main(["report"]) == 2
