@@ -24,8 +24,8 @@ def _preprocess(images):
     return (tf.cast(images, tf.float32) - MEAN.astype(np.float32)) / STD.astype(np.float32)
 
 
-def _cohort(input_shape=SHAPE, peers=2):
-    models = [nets.build("tiny", CLASSES, input_shape) for _ in range(peers)]
+def _cohort(peers=2):
+    models = [nets.build("tiny", CLASSES, SHAPE) for _ in range(peers)]
     return cohort_lib.Cohort(models, [keras.optimizers.SGD(0.1) for _ in models],
                              methods.get("dml" if peers > 1 else "independent"))
 
@@ -74,8 +74,8 @@ def test_served_outputs_match_numpy_references(exported):
             np.testing.assert_allclose(served["features"].numpy(), f, atol=1e-5)
 
 
-# Wrong shapes reach the convolutions in the old export, where oneDNN may abort the process:
-# they run in a child process, whose exit status tells an abort from a clean error.
+# Unchecked, wrong shapes would reach the convolutions, where oneDNN may abort the process:
+# they are served in a child process, whose exit status tells an abort from a clean error.
 _WRONG_SHAPES = {"one image without batch axis": (16, 16, 3), "rank 5": (1, 2, 16, 16, 3),
                  "one channel": (2, 16, 16, 1), "28x28": (2, 28, 28, 3),
                  "64x64": (2, 64, 64, 3)}
