@@ -19,6 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dml_tf import run_dir
+
 MARKER = "COMPLETE.json"
 
 
@@ -142,8 +144,7 @@ def export_cohort(cohort, export_dir, preprocess=None, serving_shape=None, *, ch
         now = datetime.datetime.now(datetime.timezone.utc)
         marker = {"savedmodels": list(groups), "source": source,
                   "time": now.isoformat(timespec="seconds")}
-        with open(os.path.join(staging, MARKER), "w") as f:
-            json.dump(marker, f, indent=1)
+        run_dir.write_json_atomically(os.path.join(staging, MARKER), marker)
         _swap_into_place(staging, export_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
