@@ -35,6 +35,9 @@ from dml_tf.errors import UserError
 DEFAULT_SIGMAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)
 TOP_K = 5
 JSON_NAME = "analysis.json"
+# Classes coloured and named in the t-SNE (more would be unreadable): tab20 without its two
+# greys, which would be mistaken for the grey of the classes left out.
+MAX_TSNE_LEGEND = 18
 PLOT_NAMES = {"entropy": "analysis_entropy.png", "noise": "analysis_noise.png",
               "top5": "analysis_top5.png", "tsne": "analysis_tsne.png"}
 
@@ -84,6 +87,33 @@ def seeded_subset(n, size, seed):
     if size <= 0 or size >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def legend_classes(labels, cap=MAX_TSNE_LEGEND):
+    """The classes the t-SNE colours and names: all of them, or the `cap` most frequent.
+
+    Ties in frequency go to the smaller label, so the choice is deterministic.
+
+    Returns:
+      Sorted list of labels.
+    """
+    values, counts = np.unique(np.asarray(labels), return_counts=True)
+    order = np.lexsort((values, -counts))[:cap]
+    return sorted(values[order].tolist())
+
+
+def tsne_subset(labels, size, seed, cap=MAX_TSNE_LEGEND):
+    """Sorted indices of the test examples for the t-SNE: a seeded subset of `size`.
+
+    With more than `cap` classes it is drawn from the `cap` most frequent ones only
+    (`legend_classes`): Market-1501's queries hold a few images of each of 750 identities,
+    and a map of 750 colours, or of one point per identity, shows no clusters.
+    """
+    labels = np.asarray(labels)
+    candidates = np.arange(len(labels))
+    if len(np.unique(labels)) > cap:
+        candidates = np.flatnonzero(np.isin(labels, legend_classes(labels, cap)))
+    return candidates[seeded_subset(len(candidates), size, seed)]
 
 
 # Network passes (inference mode, un-augmented images through the evaluation pipeline).
@@ -208,9 +238,6 @@ def tsne_embedding(features, seed=0, perplexity=30.0):
 # Plots (matplotlib's Figure without pyplot: no global backend or GUI involved). Each
 # plot_* function writes its PNG to `path` and returns the Figure, for a caller to inspect.
 
-# Classes coloured and named in the t-SNE (more would be unreadable): tab20 without its two
-# greys, which would be mistaken for the grey of the classes left out.
-MAX_TSNE_LEGEND = 18
 PLURALS = {"class": "classes", "identity": "identities"}
 RUN_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # line and marker per run
 
@@ -353,20 +380,7 @@ def plot_top5(runs, path):
     return fig
 
 
-def legend_classes(labels, cap=MAX_TSNE_LEGEND):
-    """The classes the t-SNE colours and names: all of them, or the `cap` most frequent.
-
-    Ties in frequency go to the smaller label, so the choice is deterministic.
-
-    Returns:
-      Sorted list of labels.
-    """
-    values, counts = np.unique(np.asarray(labels), return_counts=True)
-    order = np.lexsort((values, -counts))[:cap]
-    return sorted(values[order].tolist())
-
-
-def plot_tsne(embeddings, labels, path, title="", label_name="class"):
+def plot_tsne(embeddings, labels, path, title="", label_name="class", of_classes=None):
     """One scatter per peer of its 2-d t-SNE points, coloured by label (paper Fig. 5).
 
     Every class gets a colour and a legend entry; with more than MAX_TSNE_LEGEND classes
@@ -379,6 +393,8 @@ def plot_tsne(embeddings, labels, path, title="", label_name="class"):
       path: PNG file to write.
       title: figure title (e.g. the run name).
       label_name: what a label is, for the legend ("class", "identity").
+      of_classes: how many classes the points were chosen from (`tsne_subset`), when more
+        than they show: the title says so.
     """
     from matplotlib import colormaps
     labels = np.asarray(labels)
@@ -402,6 +418,9 @@ def plot_tsne(embeddings, labels, path, title="", label_name="class"):
     num_classes = len(np.unique(labels))
     fig.legend(loc="outside right center", fontsize=7, markerscale=1.5,
                title=f"{label_name} (of {num_classes})" if other.any() else label_name)
+    if of_classes and of_classes > num_classes:
+        title += (f"\nthe {num_classes} {PLURALS[label_name]} with most test images, "
+                  f"of {of_classes}")
     if other.any():
         title += (f"\n{len(shown)} most frequent of {num_classes} {PLURALS[label_name]} coloured; "
                   f"the other {int(other.sum())} points grey")
@@ -459,13 +478,14 @@ def analyze_cohort(models, data, *, peer_names=None, sigmas=DEFAULT_SIGMAS, draw
             "noise_loss_std": noise["loss_std"],
         }
     if tsne_samples > 0:
-        test = seeded_subset(len(data.x_test), tsne_samples, seed + 2)
+        test = tsne_subset(data.y_test, tsne_samples, seed + 2)
         points = {}
         for k, model in enumerate(models, start=1):
             say(f"peer{k}: t-SNE of {len(test)} test features")
             points[f"peer{k}"] = tsne_embedding(
                 predict_features(model, data.x_test[test], data.mean, data.std, batch_size), seed)
         result["tsne"] = {"examples": int(len(test)), "seed": int(seed),
+                          "test_classes": int(len(np.unique(data.y_test))),
                           "labels": data.y_test[test].tolist(),
                           "points": {p: np.round(v, 4).tolist() for p, v in points.items()}}
     return result
@@ -488,7 +508,8 @@ def write_run_outputs(result, folder):
         written.append(os.path.join(folder, PLOT_NAMES["tsne"]))
         plot_tsne({p: np.asarray(v) for p, v in tsne["points"].items()}, tsne["labels"],
                   written[-1], f"{result['run']}: t-SNE of the test features",
-                  label_name="identity" if result.get("dataset") == "market1501" else "class")
+                  label_name="identity" if result.get("dataset") == "market1501" else "class",
+                  of_classes=tsne.get("test_classes"))
         result["plots"]["tsne"] = PLOT_NAMES["tsne"]
     written.append(os.path.join(folder, JSON_NAME))
     run_dir.write_json_atomically(written[-1], result)

@@ -226,6 +226,23 @@ def test_tsne_legend_names_every_class_or_the_most_frequent(tmp_path):
     assert "other 24 points grey" in fig._suptitle.get_text()
 
 
+def test_tsne_subset_keeps_to_the_most_frequent_classes_when_there_are_many(tmp_path):
+    few = np.repeat(np.arange(5), 8)
+    np.testing.assert_array_equal(analysis.tsne_subset(few, 12, seed=3),
+                                  analysis.seeded_subset(40, 12, seed=3))
+    many = np.concatenate([np.repeat(np.arange(30), 2), np.arange(10, 28)])  # 10..27 thrice
+    chosen = analysis.tsne_subset(many, 40, seed=3)
+    assert len(chosen) == 40 and len(set(chosen)) == 40 and list(chosen) == sorted(chosen)
+    assert set(many[chosen]) <= set(range(10, 28))
+    everything = analysis.tsne_subset(many, 0, seed=3)  # all 54 images of those 18 classes
+    np.testing.assert_array_equal(everything, np.flatnonzero((many >= 10) & (many < 28)))
+    fig = analysis.plot_tsne({"peer1": np.zeros((len(everything), 2))}, many[everything],
+                             str(tmp_path / "tsne.png"), "run", label_name="identity",
+                             of_classes=30)
+    assert "the 18 identities with most test images, of 30" in fig._suptitle.get_text()
+    assert "grey" not in fig._suptitle.get_text()
+
+
 def test_tsne_is_seeded():
     features = np.random.default_rng(0).normal(size=(20, 6))
     a, b = analysis.tsne_embedding(features, seed=1), analysis.tsne_embedding(features, seed=1)
