@@ -30,9 +30,9 @@ HELP_GROUPS = (
                   "momentum", "nesterov", "adam_beta1", "adam_beta2", "epsilon", "rmsprop_decay",
                   "weight_decay", "seed")),
     ("run and reliability", ("model_dir", "overwrite", "eval_every_epochs", "export",
-                             "checkpoint_every_steps", "on_nan", "deterministic", "distribution",
-                             "peer_placement", "precision", "jit_compile", "intra_op_threads",
-                             "inter_op_threads")),
+                             "checkpoint_every_steps", "on_nan", "on_collapse", "deterministic",
+                             "distribution", "peer_placement", "precision", "jit_compile",
+                             "intra_op_threads", "inter_op_threads")),
 )
 
 

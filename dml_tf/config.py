@@ -1,6 +1,6 @@
 """Flags shared by the run scripts, and the frozen configuration they turn into.
 
-Library code takes a `Config`; only run_*.py (through dml_tf.cli) read absl flags (DESIGN.md).
+Library code takes a `Config`; only run_*.py (through dml_tf.cli) read absl flags (docs/design.md).
 This module imports no TensorFlow, so that flags are defined and checked in a second:
 `config_from_flags` checks everything that needs no library module, `check_against_library`
 (which imports the method's and the networks' modules) the rest.
@@ -14,7 +14,7 @@ import re
 
 from absl import flags
 
-from dml_tf import methods, nets
+from dml_tf import collapse, methods, nets
 from dml_tf.choices import (DISTRIBUTIONS, OPTIMIZERS, PLACEMENTS, PRECISIONS, SEMI_SUPERVISED,
                             UPDATES)
 from dml_tf.errors import UserError
@@ -79,6 +79,7 @@ class Config:
     inter_op_threads: int = 0
     deterministic: bool = False
     on_nan: str = "stop"
+    on_collapse: str = "warn"
     overwrite: bool = False
     checkpoint_every_steps: int = 0
 
@@ -97,7 +98,7 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_string("net_args", "", "Network keyword arguments for every peer, "
                         "e.g. 'dropout=0.3' (WRN).", flag_values=f)
     flags.DEFINE_enum("method", d.method, list(methods.NAMES),
-                      "Training method (METHODS.md): independent, dml (Eq. 10), dml_js (Eq. 7), "
+                      "Training method (docs/methods.md): independent, dml (Eq. 10), dml_js (Eq. 7), "
                       "dml_e (Eq. 11), ...", flag_values=f)
     flags.DEFINE_string("method_args", "", "Method hyperparameters, e.g. 'label_smoothing=0.1'.",
                         flag_values=f)
@@ -182,6 +183,11 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_bool("deterministic", d.deterministic, "TensorFlow op determinism: with the seeded "
                       "data order and augmentation, a resumed run ends with the weights of an "
                       "uninterrupted one (slower on GPUs).", flag_values=f)
+    flags.DEFINE_enum("on_collapse", d.on_collapse, list(collapse.ON_COLLAPSE),
+                      "After an epoch in which every peer's mean predictive entropy is above "
+                      "95% of log M and its cross-entropy near log M (a cohort collapsed to "
+                      "uniform predictions): warn (one line, and train/collapsed in "
+                      "TensorBoard) or stop (keeping the last checkpoint).", flag_values=f)
     flags.DEFINE_enum("on_nan", d.on_nan, ["stop", "skip"], "A NaN/Inf loss: stop (keeping the "
                       "last checkpoint) or skip that peer's update, counted in TensorBoard as "
                       "train/peer{k}/skipped_steps.", flag_values=f)

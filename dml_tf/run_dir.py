@@ -29,7 +29,7 @@ RUN_PATTERNS = ("events.out.tfevents.*", "analysis_*.png", "*.json.tmp", "export
 RESUMABLE_CHANGES = ("epochs", "eval_every_epochs", "export", "steps_per_epoch", "eval_batch_size",
                      "data_dir", "tfds_data_dir", "model_dir", "jit_compile", "train_steps",
                      "intra_op_threads", "inter_op_threads", "overwrite", "deterministic",
-                     "on_nan", "checkpoint_every_steps", "teacher_checkpoint")
+                     "on_nan", "on_collapse", "checkpoint_every_steps", "teacher_checkpoint")
 # The longest name a run writes below model_dir (a checkpoint's temporary shard while saving).
 _LONGEST_RUN_PATH = "checkpoints/ckpt-9999999999_temp/part-00000-of-00001.data-00000-of-00001.tempstate0000000000000000000"
 

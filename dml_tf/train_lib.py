@@ -20,7 +20,7 @@ import time
 import keras
 import tensorflow as tf
 
-from dml_tf import checkpoints, progress, run_dir
+from dml_tf import checkpoints, collapse, progress, run_dir
 from dml_tf import cohort as cohort_lib
 from dml_tf import config as config_lib
 from dml_tf import distribute, export, imagenet_task, methods, nets, precision, reid_task, schedules, tasks  # noqa: F401 (the *_task modules register their datasets)
@@ -457,6 +457,7 @@ class _Run:
                 tf.summary.scalar(key, value)
             for k, opt in enumerate(self.cohort.optimizers, start=1):
                 tf.summary.scalar(f"lr/peer{k}", float(opt.learning_rate.numpy()))
+            self._check_collapse(epoch, train_metrics)
             if last or (epoch + 1) % config.eval_every_epochs == 0:
                 test_metrics = self.task.evaluate(self.cohort, config.eval_batch_size)
                 if self.stop.signum is not None:  # the epoch is trained: resume re-evaluates it
@@ -472,6 +473,21 @@ class _Run:
         if last:
             self._write_results()
         self.save(*next_position, _EpochMeans() if next_position[1] == 0 else means, closed=True)
+
+    def _check_collapse(self, epoch, train_metrics):
+        """Warns of (or, with --on_collapse=stop, stops at) a cohort of uniform predictors."""
+        found = collapse.collapsed_peers(train_metrics, self.task.num_classes,
+                                         self.cohort.num_peers, prefix="train/")
+        tf.summary.scalar("train/collapsed", float(bool(found)))
+        if not found:
+            return
+        message = collapse.describe(found, self.task.num_classes, epoch + 1,
+                                    "try --warmup_epochs=2 or a lower --learning_rate")
+        if self.config.on_collapse == "stop":
+            self.writer.flush()
+            raise UserError(f"{message[:-1]}; training stopped and the last checkpoint in "
+                            f"{self.checkpoint_dir} is kept (--on_collapse=warn to go on).")
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def _write_results(self):
         """results.json, only for a cohort whose weights and metrics are all finite."""

@@ -120,7 +120,7 @@ def test_label_smoothing_hyperparameter(cohort_logits):
 
 def test_registry_errors():
     assert set(methods.NAMES) >= {"independent", "dml", "dml_js", "dml_e"}
-    with pytest.raises(UserError, match="--method=nope"):
+    with pytest.raises(UserError, match="method=.nope. is not a method"):
         methods.get("nope")
     with pytest.raises(UserError, match="temperature"):
         methods.get("dml", temperature=2.0)

@@ -55,7 +55,7 @@ def test_flagfile_parses(path):
         assert cfg.labelled_fraction < 1.0 or cfg.labelled_ids or path.endswith("_100.flags")
     relative = os.path.relpath(path, os.path.join(ROOT, "flags")).split("/")
     if script is run_market:
-        # The released code's setting (METHODS.md).
+        # The released code's setting (docs/methods.md).
         assert cfg.dataset == "market1501" and cfg.optimizer == "adam"
         assert (cfg.learning_rate, cfg.adam_beta1, cfg.adam_beta2, cfg.epsilon) == (2e-4, 0.5, 0.999, 1e-8)
         assert (cfg.batch_size, cfg.weight_decay) == (16, 4e-5)

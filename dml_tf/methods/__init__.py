@@ -1,4 +1,4 @@
-"""Registry of training methods (METHODS.md). Adding one = one file + one line here.
+"""Registry of training methods (docs/methods.md). Adding one = one file + one line here.
 
 The registry is a table of names to "module:class"; a method's module (and with it
 TensorFlow) is imported only when the method is asked for, so `NAMES` is free to read
