@@ -25,7 +25,8 @@ class MutualLearning(keras.Model):
     """A cohort of K peers trained together, each on cross-entropy plus mimicry of the others.
 
     Logs, per peer k (epoch running means, as Keras metrics are): `peer{k}/ce`,
-    `peer{k}/mimicry` (for methods with a mimicry term), `peer{k}/loss` (the peer's whole
+    `peer{k}/mimicry` (for methods with a mimicry term; other methods' terms, e.g.
+    entropy_reg's, by their own names), `peer{k}/loss` (the peer's whole
     objective: the method's total plus weight decay), `peer{k}/accuracy`; and `loss`, the
     peers' mean loss, for Keras' defaults (EarlyStopping, ModelCheckpoint). Evaluation adds
     `ensemble/loss` and `ensemble/accuracy` of the mean of the peers' probabilities.
@@ -55,8 +56,9 @@ class MutualLearning(keras.Model):
         self.weight_decay = float(weight_decay)
         self.num_classes = _num_classes(peers)
         self._cohort = None
-        names = [f"peer{k}/{name}" for k, peer_names in enumerate(
-            _peer_metric_names(method, len(peers), self.num_classes), start=1) for name in peer_names]
+        self._terms = _method_terms(method, len(peers), self.num_classes)
+        names = [f"peer{k}/{name}" for k, terms in enumerate(self._terms, start=1)
+                 for name in terms + ["loss", "accuracy"]]
         self._trackers = {name: keras.metrics.Mean(name=name) for name in
                           names + ["loss", "ensemble/loss", "ensemble/accuracy"]}
         self.built = True
@@ -123,9 +125,8 @@ class MutualLearning(keras.Model):
         images, labels = self._unpack(data)
         stats = self.cohort.step([images] * self.num_peers, labels)
         per_peer = []
-        for k in range(1, self.num_peers + 1):
-            values = {name: stats[f"peer{k}/{name}"] for name in ("ce", "mimicry")
-                      if f"peer{k}/{name}" in stats}
+        for k, terms in enumerate(self._terms, start=1):
+            values = {name: stats[f"peer{k}/{name}"] for name in terms}
             values["loss"] = stats[f"peer{k}/total"] + stats[f"peer{k}/weight_decay"]
             values["accuracy"] = stats[f"peer{k}/top1"]
             per_peer.append(values)
@@ -135,8 +136,8 @@ class MutualLearning(keras.Model):
         images, labels = self._unpack(data)
         logits, all_losses = self.cohort.inference_losses(images, labels)
         per_peer = []
-        for logits_k, peer_losses in zip(logits, all_losses):
-            values = {name: peer_losses[name] for name in ("ce", "mimicry") if name in peer_losses}
+        for logits_k, peer_losses, terms in zip(logits, all_losses, self._terms):
+            values = {name: peer_losses[name] for name in terms}
             values["loss"] = peer_losses["total"] + peer_losses["weight_decay"]
             values["accuracy"] = _accuracy(labels, logits_k)
             per_peer.append(values)
@@ -258,21 +259,18 @@ def _method(method, method_args):
             raise UserError(f"method arguments {', '.join(sorted(method_args))} go with a "
                             "method name; a method object already holds its own.")
         return method
-    if method not in methods.NAMES:
-        raise UserError(f"method={method!r} is not a method; choose one of "
-                        f"{', '.join(methods.NAMES)}.")
     return methods.get(method, **method_args)
 
 
-def _peer_metric_names(method, num_peers, num_classes):
-    """Each peer's metric names: those of the losses the method reports on a dummy batch."""
+def _method_terms(method, num_peers, num_classes):
+    """Each peer's loss terms but "total" ("ce", "mimicry", ...), as the method reports them
+    on a dummy batch."""
     logits = [tf.zeros([1, num_classes]) for _ in range(num_peers)]
     features = [tf.zeros([1, 1]) for _ in range(num_peers)]
     all_losses = method.losses(
         logits, tf.zeros([1], tf.int64),
         features=features if getattr(method, "uses_features", False) else None)
-    return [[name for name in ("ce", "mimicry") if name in peer_losses] + ["loss", "accuracy"]
-            for peer_losses in all_losses]
+    return [[name for name in peer_losses if name != "total"] for peer_losses in all_losses]
 
 
 def _accuracy(labels, scores):
