@@ -261,7 +261,7 @@ class Cohort:
             objective = objective / float(self.strategy.num_replicas_in_sync)
         return self.optimizers[k].scale_loss(objective), penalty
 
-    def _apply(self, k, objective, tape):
+    def _apply(self, k, objective, tape, statistics_before=None):
         variables = self.models[k].trainable_variables
         with self._on_device(k):
             grads = tape.gradient(objective, variables)
@@ -272,24 +272,47 @@ class Cohort:
                 return
             finite = tf.reduce_all([tf.math.is_finite(objective)] + [
                 tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
-            tf.cond(finite, lambda: self._apply_unless_divergent(k, grads, variables),
-                    lambda: tf.constant(False))
+            # A dropped step also puts back the BatchNorm statistics its forward pass moved
+            # (huge weights make inf activations, and so inf moving statistics).
+            put_back = self._put_back(self._statistics(k), statistics_before)
+            tf.cond(finite, lambda: self._apply_unless_divergent(k, grads, variables, put_back),
+                    put_back)
 
-    def _apply_unless_divergent(self, k, grads, variables):
+    def _apply_unless_divergent(self, k, grads, variables, put_back_statistics):
         """Applies finite gradients, then puts weights and optimizer state back if the update
         itself made a weight non-finite (e.g. a huge learning rate): a divergence is dropped."""
         optimizer = self.optimizers[k]
         state = list(variables) + list(optimizer.variables)
-        saved = [tf.identity(v.value) for v in state]
+        put_back_state = self._put_back(state, [tf.identity(v.value) for v in state])
         optimizer.apply_gradients(zip(grads, variables))
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v.value)) for v in variables])
 
         def put_back():
-            for variable, value in zip(state, saved):
+            put_back_state()
+            return put_back_statistics()
+
+        return tf.cond(finite, lambda: tf.constant(True), put_back)
+
+    @staticmethod
+    def _put_back(variables, values):
+        """A tf.cond branch assigning `values` to `variables` (none: nothing), returning False."""
+        def put_back():
+            for variable, value in zip(variables, values or ()):
                 variable.assign(value)
             return tf.constant(False)
 
-        return tf.cond(finite, lambda: tf.constant(True), put_back)
+        return put_back
+
+    def _statistics(self, k):
+        """Peer k's non-trainable state that a training forward pass moves (BatchNorm's moving
+        statistics); Dropout's seed-generator state is left to advance."""
+        return [v for v in self.models[k].non_trainable_variables if "seed_generator" not in v.path]
+
+    def _statistics_before(self):
+        """Per peer, a copy of its statistics before the step (only when updates may be dropped)."""
+        if not self.skip_nonfinite:
+            return [None] * self.num_peers
+        return [[tf.identity(v.value) for v in self._statistics(k)] for k in range(self.num_peers)]
 
     @staticmethod
     def _report(metrics, k, peer_losses, penalty, logits_k, labels):
@@ -298,9 +321,13 @@ class Cohort:
         metrics[f"peer{k + 1}/weight_decay"] = penalty
         correct = tf.equal(tf.argmax(logits_k, axis=-1, output_type=tf.int64), labels)
         metrics[f"peer{k + 1}/top1"] = tf.reduce_mean(tf.cast(correct, tf.float32))
+        # The predictions' mean entropy, for collapse detection (dml_tf.collapse); a method
+        # that reports its own (entropy_reg) keeps it.
+        metrics.setdefault(f"peer{k + 1}/entropy", losses.entropy(logits_k))
 
     def _simultaneous_step(self, images, labels, label_mask):
         metrics = {}
+        statistics = self._statistics_before()
         with tf.GradientTape(persistent=True) as tape:
             outputs = [self._forward(k, images[k]) for k in range(self.num_peers)]
             logits = [z for z, _ in outputs]
@@ -308,13 +335,14 @@ class Cohort:
             objectives = [self._objective(k, all_losses[k]) for k in range(self.num_peers)]
         for k in range(self.num_peers):
             if k not in self.frozen:
-                self._apply(k, objectives[k][0], tape)
+                self._apply(k, objectives[k][0], tape, statistics[k])
             self._report(metrics, k, all_losses[k], objectives[k][1], logits[k], labels)
         del tape
         return metrics
 
     def _sequential_step(self, images, labels, label_mask):
         metrics = {}
+        statistics = self._statistics_before()
         with tf.GradientTape(persistent=True) as tape:
             # Peer k's forward pass here uses θ_k as it is when peer k's turn comes (peers
             # after k are not yet updated), so one recorded pass per peer serves both as
@@ -329,7 +357,7 @@ class Cohort:
                     self._report(metrics, k, peer_losses, penalty, logits[k], labels)
                     if k in self.frozen:
                         continue
-                    self._apply(k, objective, tape)
+                    self._apply(k, objective, tape, statistics[k])
                     if k + 1 < self.num_peers:
                         logits[k], features[k] = self._refresh(k, images[k])
         del tape
@@ -341,9 +369,7 @@ class Cohort:
         Training mode, as for the first prediction, but the BatchNorm moving statistics are
         put back afterwards: the step must move them once per peer, as in a plain update.
         """
-        model = self.models[k]
-        # Dropout's seed-generator state is not put back: the next pass must draw new masks.
-        statistics = [v for v in model.non_trainable_variables if "seed_generator" not in v.path]
+        statistics = self._statistics(k)
         # tf.function's automatic control dependencies order these reads and assignments
         # with the forward pass's own updates of the same variables.
         saved = [tf.identity(v.value) for v in statistics]

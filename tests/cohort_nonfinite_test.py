@@ -65,3 +65,20 @@ def test_nonfinite_peers_sees_batchnorm_statistics_too():
     bn.moving_variance.assign(np.array([1.0, np.inf, 1.0, 1.0], np.float32))
     models[0].trainable_variables[0].assign(np.full((3, 4), np.nan, np.float32))
     assert cohort.nonfinite_peers() == [1, 3]
+
+
+@pytest.mark.parametrize("update", ["sequential", "simultaneous"])
+def test_a_dropped_step_puts_back_the_batchnorm_statistics_its_forward_pass_moved(update):
+    """Huge (finite) weights make inf activations: the loss is NaN, and the forward pass has
+    already written inf into the moving statistics; dropping the step must undo that too."""
+    models = [_model(1, "peer1"), _model(2, "peer2")]
+    kernel = models[0].layers[1].kernel
+    kernel.assign(tf.fill(kernel.shape, 3e38))
+    cohort = Cohort(models, [keras.optimizers.SGD(0.1) for _ in models], methods.get("dml"),
+                    update, skip_nonfinite=True)
+    statistics = [v.numpy().copy() for v in models[0].non_trainable_variables]
+    out = cohort.train_step(*_batch())
+    assert not np.isfinite(float(out["peer1/total"]))
+    for saved, variable in zip(statistics, models[0].non_trainable_variables):
+        np.testing.assert_array_equal(saved, variable.numpy(), err_msg=variable.path)
+    assert cohort.nonfinite_peers() == []

@@ -1,0 +1,81 @@
+"""Collapse detection: the rule on its own, and a real tiny cohort driven to uniform predictions."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from dml_tf import collapse
+from dml_tf import config as config_lib
+from dml_tf import train_lib
+from dml_tf.errors import UserError
+
+LOG4 = math.log(4)
+
+
+def _means(*peers):
+    out = {}
+    for k, (entropy, ce) in enumerate(peers, start=1):
+        out[f"train/peer{k}/entropy"], out[f"train/peer{k}/ce"] = entropy, ce
+    return out
+
+
+def test_all_peers_near_uniform_is_a_collapse():
+    found = collapse.collapsed_peers(_means((0.99 * LOG4, LOG4), (0.97 * LOG4, 1.01 * LOG4)), 4, 2,
+                                     prefix="train/")
+    assert [k for k, _, _ in found] == [1, 2]
+    line = collapse.describe(found, 4, 3, "try --warmup_epochs=2")
+    assert "after epoch 3" in line and "peer 2 entropy" in line and "log M = 1.386" in line
+    assert "--warmup_epochs=2" in line
+
+
+@pytest.mark.parametrize("peers", [
+    ((0.99 * LOG4, LOG4), (0.5 * LOG4, 0.6 * LOG4)),  # one peer learns: no collapse
+    ((0.99 * LOG4, 0.5 * LOG4), (0.99 * LOG4, 0.5 * LOG4)),  # confident-looking CE: learning
+    ((0.90 * LOG4, LOG4), (0.99 * LOG4, LOG4)),  # entropy below 95 % of log M
+])
+def test_anything_short_of_every_peer_uniform_is_not(peers):
+    assert collapse.collapsed_peers(_means(*peers), 4, 2, prefix="train/") == []
+
+
+def test_missing_metrics_are_not_a_collapse():
+    assert collapse.collapsed_peers({"train/peer1/ce": LOG4}, 4, 1, prefix="train/") == []
+
+
+def _npz(path, learnable):
+    """Random images; labels either independent of the images (nothing to learn: the cohort
+    can only predict the uniform prior) or written into the images' brightness."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(96) % 4
+    rng.shuffle(labels)
+    x = rng.integers(0, 256, (96, 16, 16, 3), dtype=np.uint8)
+    if learnable:
+        x = np.clip(x // 4 + 60 * labels[:, None, None, None], 0, 255).astype(np.uint8)
+    np.savez(path, x_train=x[:80], y_train=labels[:80], x_test=x[80:], y_test=labels[80:])
+    return str(path)
+
+
+def _config(tmp_path, data, **overrides):
+    base = config_lib.Config(dataset="npz", data_dir=data, nets=("tiny", "tiny"), method="dml",
+                             batch_size=8, epochs=2, learning_rate=0.05, weight_decay=0.0,
+                             export=False, model_dir=str(tmp_path / "run"))
+    return dataclasses.replace(base, **overrides)
+
+
+def test_a_cohort_of_uniform_predictors_is_warned_of_and_stopped(tmp_path, capsys):
+    data = _npz(tmp_path / "noise.npz", learnable=False)
+    results = train_lib.train_and_evaluate(_config(tmp_path, data))
+    err = capsys.readouterr().err
+    assert "warning: Collapse: after epoch 2 every peer predicts near-uniform" in err
+    for k in (1, 2):
+        assert results[f"train/peer{k}/entropy"] > 0.95 * LOG4
+    with pytest.raises(UserError, match="Collapse: after epoch 1 .*training stopped"):
+        train_lib.train_and_evaluate(dataclasses.replace(
+            _config(tmp_path, data, on_collapse="stop"), model_dir=str(tmp_path / "stopped")))
+
+
+def test_a_learning_cohort_is_not_warned_of(tmp_path, capsys):
+    data = _npz(tmp_path / "signal.npz", learnable=True)
+    train_lib.train_and_evaluate(_config(tmp_path, data, epochs=3, learning_rate=0.1))
+    assert "Collapse" not in capsys.readouterr().err
