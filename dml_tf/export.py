@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dml_tf import cohort as cohort_lib
 from dml_tf import run_dir
 
 MARKER = "COMPLETE.json"
@@ -30,9 +31,10 @@ class _Serving(tf.Module):
     def __init__(self, models, preprocess, image_shape):
         super().__init__()
         self.models = list(models)
-        # Same layers and weights, with the "features" pooling layer as a second output.
-        self.embedders = [keras.Model(m.input, [m.get_layer("features").output, m.output])
-                          for m in self.models]
+        self.embedders = [_embedder(m) for m in self.models]
+        # A model without a "features" layer (a user's own) serves probabilities and logits only.
+        self.with_features = all(e is not None for e in self.embedders)
+        self._num_classes = _num_outputs(self.models[0])
         self._preprocess = preprocess
         self._image_shape = tuple(image_shape)
         # Unknown rank on purpose: a loaded signature does not check shapes, so images of the
@@ -65,27 +67,54 @@ class _Serving(tf.Module):
 
     def _outputs(self, images):
         inputs = self._preprocess(images)
-        outputs = [e(inputs, training=False) for e in self.embedders]
-        features = [tf.cast(f, tf.float32) for f, _ in outputs]
+        if self.with_features:
+            outputs = [e(inputs, training=False) for e in self.embedders]
+        else:
+            outputs = [(None, m(inputs, training=False)) for m in self.models]
         logits = [tf.cast(z, tf.float32) for _, z in outputs]
+        features = [tf.cast(f, tf.float32) for f, _ in outputs] if self.with_features else None
         if len(self.models) == 1:
-            return {"probabilities": tf.nn.softmax(logits[0]), "logits": logits[0],
-                    "features": features[0]}
+            single = {"probabilities": tf.nn.softmax(logits[0]), "logits": logits[0]}
+            return single | ({"features": features[0]} if features else {})
         mean_probs = tf.add_n([tf.nn.softmax(z) for z in logits]) / float(len(logits))
         # log(mean_k p_k) as a log-sum-exp of log-probabilities: finite where the probabilities
         # underflow, and its softmax is still the mean of the peers' probabilities.
         log_mean = tf.reduce_logsumexp(tf.stack([tf.nn.log_softmax(z) for z in logits]), axis=0)
         log_mean -= math.log(len(logits))
+        ensemble = {"probabilities": mean_probs, "logits": log_mean}
+        if not features:
+            return ensemble
         # The ensemble's embedding concatenates the L2-normalised peer features (paper Fig. 3b).
         joint = tf.concat([tf.math.l2_normalize(f, axis=-1) for f in features], axis=-1)
-        return {"probabilities": mean_probs, "logits": log_mean, "features": joint}
+        return ensemble | {"features": joint}
 
     def _empty(self):
         """The outputs of an empty batch, without running networks that may fail on it."""
-        num_classes = self.models[0].output_shape[-1]
+        num_classes = self._num_classes
+        empty = {"probabilities": tf.zeros([0, num_classes]), "logits": tf.zeros([0, num_classes])}
+        if not self.with_features:
+            return empty
         width = sum(e.outputs[0].shape[-1] for e in self.embedders)
-        return {"probabilities": tf.zeros([0, num_classes]), "logits": tf.zeros([0, num_classes]),
-                "features": tf.zeros([0, width])}
+        return empty | {"features": tf.zeros([0, width])}
+
+
+def _embedder(model):
+    """The model with its "features" layer (dml_tf.nets' last pooling) as a first output,
+    sharing its weights; None where it has no such layer or is not a graph of layers."""
+    try:
+        features = model.get_layer("features").output
+        return keras.Model(model.inputs, [features, model.outputs[0]])
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def _num_outputs(model):
+    """The model's number of classes, from its graph or (a subclassed model) one dummy call."""
+    try:
+        return int(model.outputs[0].shape[-1])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        shape = cohort_lib.input_shape(model)[1:]
+        return int(model(tf.zeros([1, *shape]), training=False).shape[-1])
 
 
 def _default_preprocess(images):
@@ -127,7 +156,7 @@ def export_cohort(cohort, export_dir, preprocess=None, serving_shape=None, *, ch
       RuntimeError: `check_images` were given and a SavedModel fails `check_export`.
     """
     preprocess = preprocess or _default_preprocess
-    image_shape = tuple(serving_shape or cohort.models[0].input_shape[1:])
+    image_shape = tuple(serving_shape or cohort_lib.input_shape(cohort.models[0])[1:])
     export_dir = os.path.abspath(export_dir)
     _remove_leftovers(export_dir)
     groups = {f"peer{k}": [m] for k, m in enumerate(cohort.models, start=1)}

@@ -9,12 +9,13 @@ step body, inside Keras' compiled train function: one implementation of the upda
 """
 
 import contextlib
+import sys
 
 import keras
 import tensorflow as tf
 
 from dml_tf import cohort as cohort_lib
-from dml_tf import methods
+from dml_tf import collapse, methods
 from dml_tf.errors import UserError
 
 # Carried by the in-graph label check, so that its failure can become a UserError.
@@ -27,7 +28,8 @@ class MutualLearning(keras.Model):
     Logs, per peer k (epoch running means, as Keras metrics are): `peer{k}/ce`,
     `peer{k}/mimicry` (for methods with a mimicry term; other methods' terms, e.g.
     entropy_reg's, by their own names), `peer{k}/loss` (the peer's whole
-    objective: the method's total plus weight decay), `peer{k}/accuracy`; and `loss`, the
+    objective: the method's total plus weight decay), `peer{k}/accuracy`, `peer{k}/entropy`
+    (training only: the predictions' mean entropy, for collapse detection); and `loss`, the
     peers' mean loss, for Keras' defaults (EarlyStopping, ModelCheckpoint). Evaluation adds
     `ensemble/loss` and `ensemble/accuracy` of the mean of the peers' probabilities.
 
@@ -37,19 +39,27 @@ class MutualLearning(keras.Model):
     optimizer (its iterations and learning rate are what Keras' callbacks log).
     """
 
-    def __init__(self, peers, method="dml", update="sequential", weight_decay=0.0, **method_args):
+    def __init__(self, peers, method="dml", update="sequential", weight_decay=0.0, *,
+                 on_collapse="warn", **method_args):
         """Args:
           peers: list of K ≥ 1 built Keras models (functional, Sequential or subclassed)
             mapping the same inputs to logits (no final softmax).
           method: a name of `dml_tf.methods.NAMES`, or a method object.
           update: "sequential" (paper Algorithm 1) or "simultaneous".
           weight_decay: λ of λ/2·Σ‖W‖² over every peer's kernels.
+          on_collapse: after an epoch in which every peer predicts near-uniform
+            probabilities (dml_tf.collapse), "warn" (one line on stderr, `collapsed` = 1 in
+            the epoch's logs) or "stop" (the same, and fit stops as EarlyStopping does).
           **method_args: the method's hyperparameters (e.g. temperature=2), with a name.
         """
         peers = _checked_peers(peers)
         method = _method(method, method_args)
         cohort_lib.check_arguments(len(peers), method, update)
+        if on_collapse not in collapse.ON_COLLAPSE:
+            raise UserError(f"on_collapse={on_collapse!r} is not one of "
+                            f"{', '.join(map(repr, collapse.ON_COLLAPSE))}.")
         super().__init__(name="mutual_learning")
+        self.on_collapse = on_collapse
         self.peers = peers
         self.method = method
         self.update_order = update
@@ -58,7 +68,7 @@ class MutualLearning(keras.Model):
         self._cohort = None
         self._terms = _method_terms(method, len(peers), self.num_classes)
         names = [f"peer{k}/{name}" for k, terms in enumerate(self._terms, start=1)
-                 for name in terms + ["loss", "accuracy"]]
+                 for name in dict.fromkeys(terms + ["loss", "accuracy", "entropy"])]
         self._trackers = {name: keras.metrics.Mean(name=name) for name in
                           names + ["loss", "ensemble/loss", "ensemble/accuracy"]}
         self.built = True
@@ -129,6 +139,7 @@ class MutualLearning(keras.Model):
             values = {name: stats[f"peer{k}/{name}"] for name in terms}
             values["loss"] = stats[f"peer{k}/total"] + stats[f"peer{k}/weight_decay"]
             values["accuracy"] = stats[f"peer{k}/top1"]
+            values["entropy"] = stats[f"peer{k}/entropy"]
             per_peer.append(values)
         return self._record(per_peer, tf.shape(labels)[0])
 
@@ -187,9 +198,12 @@ class MutualLearning(keras.Model):
         with tf.control_dependencies([tf.debugging.Assert(in_range, [_LABEL_RANGE_MARK])]):
             return tf.identity(labels)
 
-    def fit(self, *args, **kwargs):
+    def fit(self, *args, callbacks=None, **kwargs):
+        # First, so that the callbacks after it (TensorBoard, CSVLogger) log `collapsed` too.
+        callbacks = [_CollapseMonitor(self.num_classes, self.num_peers, self.on_collapse),
+                     *(callbacks or [])]
         with self._label_errors():
-            return super().fit(*args, **kwargs)
+            return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         with self._label_errors():
@@ -205,6 +219,27 @@ class MutualLearning(keras.Model):
                 raise
             raise UserError(f"labels must be class indices in [0, {self.num_classes}) for peers "
                             f"with {self.num_classes} outputs; found one outside.") from None
+
+
+class _CollapseMonitor(keras.callbacks.Callback):
+    """dml_tf.collapse on the epoch's training logs: a warning, `collapsed` in the logs, and
+    with on_collapse="stop" the end of fit."""
+
+    def __init__(self, num_classes, num_peers, on_collapse):
+        super().__init__()
+        self.num_classes, self.num_peers, self.on_collapse = num_classes, num_peers, on_collapse
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        found = collapse.collapsed_peers(logs, self.num_classes, self.num_peers)
+        logs["collapsed"] = float(bool(found))
+        if not found:
+            return
+        print("warning: " + collapse.describe(
+            found, self.num_classes, epoch + 1,
+            "try dml_tf.schedules.LinearWarmup or a lower learning rate"), file=sys.stderr)
+        if self.on_collapse == "stop":
+            self.model.stop_training = True
 
 
 def _checked_peers(peers):

@@ -79,3 +79,38 @@ def test_a_learning_cohort_is_not_warned_of(tmp_path, capsys):
     data = _npz(tmp_path / "signal.npz", learnable=True)
     train_lib.train_and_evaluate(_config(tmp_path, data, epochs=3, learning_rate=0.1))
     assert "Collapse" not in capsys.readouterr().err
+
+
+def _keras_data(learnable):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(128, 6)).astype(np.float32)
+    if learnable:
+        return x, (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0)
+    # Near-zero inputs and random labels: nothing to learn, the peers sit at the uniform prior.
+    return 0.01 * x, rng.integers(0, 4, 128)
+
+
+def _mutual(on_collapse="warn"):
+    import dml_tf
+    import keras
+    peers = [keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                               keras.layers.Dense(4)]) for _ in range(2)]
+    model = dml_tf.MutualLearning(peers, on_collapse=on_collapse)
+    model.compile(optimizer=keras.optimizers.SGD(0.05))
+    return model
+
+
+def test_mutual_learning_fit_warns_of_and_stops_at_a_collapse(capsys):
+    x, y = _keras_data(learnable=False)
+    history = _mutual().fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert history.history["collapsed"] == [1.0, 1.0]
+    assert "warning: Collapse: after epoch 2" in capsys.readouterr().err
+    stopped = _mutual("stop").fit(x, y, batch_size=16, epochs=4, verbose=0)
+    assert len(stopped.history["collapsed"]) == 1
+
+
+def test_mutual_learning_fit_on_a_learnable_task_is_not_a_collapse(capsys):
+    x, y = _keras_data(learnable=True)
+    history = _mutual().fit(x, y, batch_size=16, epochs=3, verbose=0)
+    assert history.history["collapsed"][-1] == 0.0
+    assert "Collapse" not in capsys.readouterr().err

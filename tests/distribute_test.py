@@ -70,7 +70,8 @@ def test_two_local_workers_end_with_identical_weights(tmp_path):
     # went to a scratch folder it removed at the end.
     run = tmp_path / "run"
     assert (run / "results.json").exists() and (run / "checkpoints").exists()
-    assert {p.name for p in (run / "export").iterdir()} == {"peer1", "peer2", "ensemble"}
+    assert {p.name for p in (run / "export").iterdir()} == {
+        "peer1", "peer2", "ensemble", "COMPLETE.json"}
     assert not list(run.glob("worker_scratch_*"))
 
 
@@ -81,4 +82,5 @@ def test_mirrored_loop_checkpoints_summarises_and_exports(tmp_path):
     assert (run / "results.json").exists() and list(run.glob("events.out.tfevents.*"))
     assert (run / "checkpoints" / "checkpoint").exists()
     # The export was reloaded and checked against the cohort inside the run.
-    assert {p.name for p in (run / "export").iterdir()} == {"peer1", "peer2", "ensemble"}
+    assert {p.name for p in (run / "export").iterdir()} == {
+        "peer1", "peer2", "ensemble", "COMPLETE.json"}

@@ -341,3 +341,36 @@ def test_a_non_finite_cohort_fails_the_export_and_keeps_the_previous_one(tmp_pat
     paths = export.export_cohort(broken, str(tmp_path / "unchecked"), _preprocess)
     with pytest.raises(RuntimeError, match="non-finite"):
         export.check_export(paths, broken, images, _preprocess)
+
+
+class UsersSubclassed(keras.Model):
+    """A user's subclassed peer: no graph of layers, no "features" layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat = keras.layers.Flatten()
+        self.dense = keras.layers.Dense(CLASSES)
+
+    def call(self, x):
+        return self.dense(self.flat(x))
+
+
+def test_users_own_sequential_and_subclassed_peers_export_probabilities_and_logits(tmp_path):
+    """Peers without a "features" layer (a Sequential, a subclassed model) still export; the
+    SavedModels then serve probabilities and logits only."""
+    sequential = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
+                                   keras.layers.Dense(CLASSES)])
+    subclassed = UsersSubclassed()
+    subclassed.build((None, *SHAPE))
+    cohort = cohort_lib.Cohort([sequential, subclassed], [keras.optimizers.SGD(0.1)] * 2,
+                               methods.get("dml"))
+    images = _images(3)
+    paths = export.export_cohort(cohort, str(tmp_path / "export"), check_images=images)
+    served = tf.saved_model.load(paths["ensemble"]).signatures["serving_default"](images=images)
+    assert set(served) == {"probabilities", "logits"}
+    x = images.astype(np.float32)
+    expected = (_softmax(sequential(x).numpy()) + _softmax(subclassed(x).numpy())) / 2
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+    empty = tf.saved_model.load(paths["peer2"]).signatures["serving_default"](
+        images=np.zeros((0, *SHAPE), np.uint8))
+    assert empty["logits"].shape == (0, CLASSES)

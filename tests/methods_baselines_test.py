@@ -85,7 +85,7 @@ def test_kd_at_temperature_1_is_dml_from_a_fixed_peer(batch):
 def test_kd_declares_a_frozen_teacher_and_checks_its_arguments():
     method = methods.get("kd")
     assert method.frozen_peers == (0,) and method.needs_teacher and method.min_peers == 2
-    with pytest.raises(UserError, match="--nets"):
+    with pytest.raises(UserError, match="at least 2 peers.*peers"):
         method.check_cohort_size(1)
     with pytest.raises(UserError, match="temperature"):
         methods.get("kd", temperature=0.0)
