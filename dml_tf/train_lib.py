@@ -350,7 +350,14 @@ class _Run:
         self.results = {}
 
     def restore_or_start(self):
-        restored = checkpoints.restore_newest_intact(self.checkpoint, self.checkpoint_dir)
+        try:
+            restored = checkpoints.restore_newest_intact(self.checkpoint, self.checkpoint_dir)
+        except UserError:
+            if not (self.config.overwrite and self.chief):
+                raise
+            # --overwrite is the way out of a run whose checkpoints are all damaged.
+            self.folder.remove_run_files()
+            restored = None
         self.manager = checkpoints.manager(self.checkpoint, self.checkpoint_dir)
         if restored:
             print(f"Resumed from {restored} (epoch {int(self.checkpoint.epoch.numpy()) + 1}, "
