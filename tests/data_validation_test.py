@@ -317,20 +317,18 @@ def market(tmp_path):
     return root
 
 
-def test_market_camera_outside_c1_c6_is_named(market):
-    bad = market / "bounding_box_test" / "0005_c7s1_000040_02.jpg"
-    shutil.move(market / "bounding_box_test" / "0005_c3s1_000040_02.jpg", bad)
+@pytest.mark.parametrize("folder, original, renamed, words", [
+    ("bounding_box_test", "0005_c3s1_000040_02.jpg", "0005_c7s1_000040_02.jpg", "names camera c7"),
+    ("query", "0005_c2s1_000020_00.jpg", "0000_c2s1_000020_00.jpg",
+     "is a junk (-1) or distractor (0000) image"),
+])
+def test_market_camera_outside_c1_c6_or_a_distractor_query_is_named(market, folder, original,
+                                                                   renamed, words):
+    bad = market / folder / renamed
+    shutil.move(market / folder / original, bad)
     with pytest.raises(UserError) as err:
         market1501.scan(str(market))
-    assert one_sentence(err).startswith(f"{bad} names camera c7")
-
-
-def test_market_distractor_query_is_named(market):
-    bad = market / "query" / "0000_c2s1_000020_00.jpg"
-    shutil.move(market / "query" / "0005_c2s1_000020_00.jpg", bad)
-    with pytest.raises(UserError) as err:
-        market1501.scan(str(market))
-    assert one_sentence(err).startswith(f"{bad} is a junk (-1) or distractor (0000) image")
+    assert one_sentence(err).startswith(f"{bad} {words}")
 
 
 def test_market_queries_the_protocol_cannot_score(market):
