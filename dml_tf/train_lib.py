@@ -503,9 +503,10 @@ class _Run:
         if broken or bad_metrics:
             what = (f"peer {', '.join(map(str, broken))}'s weights" if broken
                     else f"the metrics {', '.join(bad_metrics[:3])}")
+            kept = self.manager.latest_checkpoint
+            kept = f"the last checkpoint, {kept}, is kept" if kept else "no checkpoint was written"
             raise UserError(f"Training diverged: {what} are not finite; results.json and the "
-                            f"export are not written and the last finite checkpoint in "
-                            f"{self.checkpoint_dir} is kept: lower --learning_rate and pass "
+                            f"export are not written and {kept}: lower --learning_rate and pass "
                             "--overwrite to train again.")
         if self.chief:
             self.folder.write_json("results.json", self.results)
