@@ -364,3 +364,12 @@ def test_imagenet_label_out_of_range_is_one_sentence(tmp_path):
     uniform = types.SimpleNamespace(predict=lambda x: [tf.fill([tf.shape(x)[0], 1000], 1e-3)])
     with pytest.raises(UserError, match=r"^A record has label 1000, outside"):
         task.evaluate(uniform, batch_size=1)
+
+
+def test_a_truncated_npz_is_named(tmp_path):
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=np.zeros((4, 8, 8, 3), np.uint8), y_train=np.arange(4),
+             x_test=np.zeros((2, 8, 8, 3), np.uint8), y_test=np.arange(2))
+    path.write_bytes(path.read_bytes()[:200])  # as a copy cut short leaves it
+    with pytest.raises(UserError, match=f"{path} is not an .npz"):
+        dml_tf.data.load_npz(str(path))

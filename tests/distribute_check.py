@@ -100,10 +100,14 @@ def _npz(folder):
     path = os.path.join(folder, "data.npz")
     if not os.path.exists(path):
         rng = np.random.default_rng(0)
-        np.savez(path, x_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+        # Written aside and renamed: two workers start at once, and the one that finds the
+        # file must never read it half-written (it would stop, and its peer wait forever).
+        partial = os.path.join(folder, f"data.{os.getpid()}.partial.npz")
+        np.savez(partial, x_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
                  y_train=np.arange(64) % 4,
                  x_test=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
                  y_test=np.arange(16) % 4)
+        os.replace(partial, path)
     return path
 
 

@@ -57,7 +57,13 @@ def test_two_local_workers_end_with_identical_weights(tmp_path):
     outputs = []
     try:
         for proc in procs:
-            stdout, stderr = proc.communicate(timeout=240)  # bounded: a hung worker fails the test
+            try:
+                stdout, stderr = proc.communicate(timeout=240)  # bounded: a hung worker fails
+            except subprocess.TimeoutExpired:
+                # Say why: usually the other worker stopped, and this one waited for it.
+                others = [p.communicate(timeout=5)[1][-2000:] for p in procs
+                          if p is not proc and p.poll() is not None]
+                raise AssertionError(f"worker timed out; the other's stderr: {others}") from None
             assert proc.returncode == 0, stderr[-3000:]
             outputs.append(json.loads(stdout.strip().splitlines()[-1]))
     finally:

@@ -13,6 +13,7 @@ is all zeros.
 
 import dataclasses
 import math
+import zipfile
 
 import numpy as np
 
@@ -313,7 +314,7 @@ def load_npz(path):
             arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except FileNotFoundError:
         raise UserError(f"--data_dir={path} does not exist; point it at the .npz file.") from None
-    except (KeyError, ValueError, OSError, EOFError) as e:
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} is not an .npz with uint8 x_train/x_test and integer "
                         f"y_train/y_test ({e}).") from None
     return ImageData.from_arrays(**arrays, name="npz", source=path)
