@@ -88,9 +88,15 @@ class Config:
 
 
 def define_flags(flag_values=flags.FLAGS):
-    """Defines the flags every run script shares (dataset flags are the script's own)."""
-    d = Config()
-    f = flag_values
+    """Defines the flags every run script shares (dataset flags are the script's own), in the
+    groups that `--help` shows (dml_tf.cli.HELP_GROUPS)."""
+    defaults = Config()
+    for define_group in (_define_cohort_flags, _define_schedule_flags, _define_run_flags):
+        define_group(defaults, flag_values)
+
+
+def _define_cohort_flags(d, f):
+    """The cohort, its method and how it is spread over devices."""
     flags.DEFINE_string("nets", ",".join(d.nets),
                         "Comma-separated networks of the cohort, peer 1 first, from "
                         f"{', '.join(nets.NAMES)}; 'resnet32x3' means three resnet32 peers.",
@@ -128,6 +134,10 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_enum("peer_placement", d.peer_placement, list(PLACEMENTS),
                       "per_device: peer k on device k mod n, only probabilities cross devices "
                       "(paper Sec. 4.5); implies --update=simultaneous.", flag_values=f)
+
+
+def _define_schedule_flags(d, f):
+    """Training length, batches, optimiser, learning rate and its schedule, seed."""
     flags.DEFINE_integer("epochs", d.epochs, "Training epochs.", flag_values=f)
     flags.DEFINE_integer("train_steps", None, "Budget in steps (e.g. the released Market-1501 "
                          "code's 200k); overrides --epochs: as many epochs as it takes, the last "
@@ -162,6 +172,10 @@ def define_flags(flag_values=flags.FLAGS):
                        flag_values=f)
     flags.DEFINE_integer("seed", d.seed, "Seed of initialisation, data order and augmentation.",
                          flag_values=f)
+
+
+def _define_run_flags(d, f):
+    """The run folder, evaluation, export, numerics, threads and reliability."""
     flags.DEFINE_string("model_dir", d.model_dir, "Output folder: flags.json, TensorBoard events, "
                         "checkpoints (resumed automatically), results.json, export/.", flag_values=f)
     flags.DEFINE_integer("eval_every_epochs", d.eval_every_epochs,
