@@ -26,9 +26,6 @@ from dml_tf import config as config_lib
 from dml_tf import distribute, export, imagenet_task, methods, nets, precision, reid_task, schedules, tasks  # noqa: F401 (the *_task modules register their datasets)
 from dml_tf.errors import UserError
 
-# analysis.py writes its JSON the same way.
-write_json_atomically = run_dir.write_json_atomically
-
 
 def build_cohort(config, num_classes, input_shape, steps_per_epoch, strategy=None):
     """The K peers (named peer1..peerK), their optimisers and the method, as configured.
