@@ -20,8 +20,11 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dml_tf import quiet_start  # noqa: E402
+
+quiet_start.quiet()  # TensorFlow's start-up lines would open the bench's log, as in the run scripts
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
