@@ -135,7 +135,7 @@ def print_tables(runs, k, seeds):
     methods = list(dict.fromkeys(m for m, _ in runs))
     if len(seeds) < 2:
         return
-    print(f"\nMean ± std over seeds {', '.join(map(str, seeds))}:")
+    print(f"\nMean ± std over seeds {', '.join(map(str, seeds))}:\n")
     header = ["method"] + [f"{n} top1" for n in names] + [f"peer{i} entropy" for i in range(1, k + 1)]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for method in methods:
@@ -144,7 +144,7 @@ def print_tables(runs, k, seeds):
         print("| " + " | ".join(cells) + " |")
     base = methods[0]
     for method in methods[1:]:
-        print(f"\nPaired difference {method} − {base}, top-1 points, per seed:")
+        print(f"\nPaired difference {method} − {base}, top-1 points, per seed:\n")
         print("| " + " | ".join(["seed"] + names) + " |\n|" + "---|" * (len(names) + 1))
         diffs = {n: [top1(runs[method, s][0], n) - top1(runs[base, s][0], n) for s in seeds]
                  for n in names}
@@ -171,7 +171,7 @@ def main(argv):
     k = len(config_lib.parse_nets(FLAGS.nets))
     print(f"\nReal CIFAR-10 subset (4000 train / 1000 test), {FLAGS.nets}, {FLAGS.epochs} epochs, "
           f"lr {FLAGS.learning_rate} (warm-up {FLAGS.warmup_epochs} epochs, ×0.1 after "
-          f"{max(1, round(FLAGS.decay_at * FLAGS.epochs))}), {FLAGS.update}, TF {tf.__version__}")
+          f"{max(1, round(FLAGS.decay_at * FLAGS.epochs))}), {FLAGS.update}, TF {tf.__version__}\n")
     print_tables(runs, k, seeds)
 
 

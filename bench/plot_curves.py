@@ -72,7 +72,7 @@ def main(argv):
                                 alpha=0.12, linewidth=0)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(FLAGS.title or os.path.basename(os.path.normpath(FLAGS.runs_dir)))
+    ax.set_title(FLAGS.title or os.path.basename(os.path.normpath(FLAGS.runs_dir)), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
