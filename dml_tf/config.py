@@ -311,6 +311,11 @@ def _validate_combinations(config):
         raise UserError("--semi_supervised=dml_all runs on one device; drop --distribution.")
     if config.on_nan == "skip" and config.distribution != "none":
         raise UserError("--on_nan=skip runs on one device; use --on_nan=stop with --distribution.")
+    if config.train_steps is None and config.warmup_epochs >= config.epochs:
+        # A warm-up as long as the run never reaches --learning_rate: a typo, not a schedule.
+        raise UserError(f"--warmup_epochs={config.warmup_epochs:g} is not shorter than --epochs="
+                        f"{config.epochs}, so the learning rate would never reach "
+                        f"--learning_rate; give fewer warm-up epochs.")
 
 
 def check_against_library(config):

@@ -52,10 +52,16 @@ def test_every_float_flag_must_be_finite(name, value):
     (["--nets=tiny,,tiny"], "^--nets names '', which is not a network"),
     (["--net_args=name=x"], "^--net_args sets 'name', which the cohort sets"),
     (["--net_args=dropout"], "^--net_args='dropout' is not of the form"),
+    (["--epochs=10", "--warmup_epochs=10"], "^--warmup_epochs=10 is not shorter than --epochs=10"),
+    (["--epochs=10", "--warmup_epochs=100"], "^--warmup_epochs=100 is not shorter than --epochs=10"),
 ])
 def test_values_refused_without_the_library(args, message):
     with pytest.raises(UserError, match=message):
         _config(*args)
+
+
+def test_a_warm_up_shorter_than_the_run_is_accepted():
+    assert _config("--epochs=10", "--warmup_epochs=9.5").warmup_epochs == 9.5
 
 
 def test_nets_repeat_counts():
