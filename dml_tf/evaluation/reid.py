@@ -131,6 +131,31 @@ def _evaluate_chunk(distances, q_pids, q_camids, g_pids, g_camids, trapezoid):
     return first, ap
 
 
+def _checked_inputs(distmat, q_pids, q_camids, g_pids, g_camids, max_rank, average_precision,
+                    chunk_size):
+    """`evaluate`'s arguments as arrays (int64 ids), or ValueError naming the one that is wrong."""
+    if average_precision not in ("mean", "trapezoid"):
+        raise ValueError(f"average_precision must be 'mean' or 'trapezoid', got "
+                         f"{average_precision!r}.")
+    distmat = np.asarray(distmat)
+    if distmat.ndim != 2:
+        raise ValueError(f"distmat must be [Q, G], got shape {distmat.shape}.")
+    num_q, num_g = distmat.shape
+    q_pids, q_camids, g_pids, g_camids = (
+        np.asarray(a, dtype=np.int64).reshape(-1) for a in (q_pids, q_camids, g_pids, g_camids))
+    if len(q_pids) != num_q or len(q_camids) != num_q:
+        raise ValueError(f"distmat has {num_q} query rows but {len(q_pids)} q_pids and "
+                         f"{len(q_camids)} q_camids.")
+    if len(g_pids) != num_g or len(g_camids) != num_g:
+        raise ValueError(f"distmat has {num_g} gallery columns but {len(g_pids)} g_pids and "
+                         f"{len(g_camids)} g_camids.")
+    if max_rank < 1 or chunk_size < 1:
+        raise ValueError(f"max_rank and chunk_size must be >= 1, got {max_rank}, {chunk_size}.")
+    if np.isnan(distmat).any():
+        raise ValueError("distmat has NaN distances; check the features for NaN.")
+    return distmat, q_pids, q_camids, g_pids, g_camids
+
+
 def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50,
              average_precision="mean", chunk_size=128, workers=None):
     """CMC and mAP under the Market-1501 protocol.
@@ -170,25 +195,8 @@ def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50,
     Raises:
         ValueError: mismatched shapes, NaN distances, or no query has a correct match.
     """
-    if average_precision not in ("mean", "trapezoid"):
-        raise ValueError(f"average_precision must be 'mean' or 'trapezoid', got "
-                         f"{average_precision!r}.")
-    distmat = np.asarray(distmat)
-    if distmat.ndim != 2:
-        raise ValueError(f"distmat must be [Q, G], got shape {distmat.shape}.")
-    num_q, num_g = distmat.shape
-    q_pids, q_camids, g_pids, g_camids = (
-        np.asarray(a, dtype=np.int64).reshape(-1) for a in (q_pids, q_camids, g_pids, g_camids))
-    if len(q_pids) != num_q or len(q_camids) != num_q:
-        raise ValueError(f"distmat has {num_q} query rows but {len(q_pids)} q_pids and "
-                         f"{len(q_camids)} q_camids.")
-    if len(g_pids) != num_g or len(g_camids) != num_g:
-        raise ValueError(f"distmat has {num_g} gallery columns but {len(g_pids)} g_pids and "
-                         f"{len(g_camids)} g_camids.")
-    if max_rank < 1 or chunk_size < 1:
-        raise ValueError(f"max_rank and chunk_size must be >= 1, got {max_rank}, {chunk_size}.")
-    if np.isnan(distmat).any():
-        raise ValueError("distmat has NaN distances; check the features for NaN.")
+    distmat, q_pids, q_camids, g_pids, g_camids = _checked_inputs(
+        distmat, q_pids, q_camids, g_pids, g_camids, max_rank, average_precision, chunk_size)
     # Junk is removed for every query alike, so its columns go once, up front.
     keep = g_pids != JUNK
     drop_junk = not keep.all()
@@ -205,7 +213,7 @@ def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50,
                                g_pids, g_camids, average_precision == "trapezoid")
 
     workers = workers or min(4, os.cpu_count() or 1)
-    starts = range(0, num_q, chunk_size)
+    starts = range(0, len(distmat), chunk_size)
     if workers == 1 or len(starts) == 1:
         results = [run(s) for s in starts]
     else:
