@@ -34,7 +34,7 @@ from absl import logging as absl_logging  # noqa: E402
 from dml_tf import config as config_lib  # noqa: E402
 from dml_tf import data as data_lib  # noqa: E402
 from dml_tf import tasks  # noqa: E402
-from dml_tf import losses, train_lib  # noqa: E402
+from dml_tf import losses, run_dir, train_lib  # noqa: E402
 from dml_tf.data import pipeline  # noqa: E402
 
 NPZ_VARIABLE = "DML_TF_CIFAR10_SUBSET"  # the --npz default, for machines that keep the file
@@ -107,8 +107,7 @@ def run_one(data, method, precision, seed):
             seconds = json.load(f)["seconds"]
     else:
         seconds = time.time() - started
-        with open(seconds_file, "w") as f:
-            json.dump({"seconds": seconds}, f)
+        run_dir.write_json_atomically(seconds_file, {"seconds": seconds})
     return results, train_entropy(cohort, data), seconds
 
 
