@@ -1,4 +1,4 @@
-"""The cohort metrics' mean-of-peers entries: the same names as a peer's, the numpy mean."""
+"""The cohort metrics' mean-of-peers entries (the numpy mean) and the peers' agreement."""
 
 import numpy as np
 import pytest
@@ -36,6 +36,43 @@ def test_classification_mean_has_every_peer_metric_and_equals_the_numpy_mean():
     average = np.mean(probs, axis=0)
     assert metrics["test/ensemble/ce"] == pytest.approx(
         np.mean(-np.log(average[np.arange(50), labels])), rel=1e-5)
+
+
+def _one_hot_ish(classes, num_classes=4):
+    """Probabilities whose top class is `classes[i]` in row i (0.7 there, 0.1 elsewhere)."""
+    probs = np.full((len(classes), num_classes), 0.1, np.float32)
+    probs[np.arange(len(classes)), classes] = 0.7
+    return probs
+
+
+def test_agreement_of_two_peers_is_the_fraction_of_images_with_the_same_top1():
+    first, second = [0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 3, 3, 2, 1, 2, 0]  # same on 5 of 8
+    labels = np.zeros(8, np.int64)
+    metrics = classification.cohort_metrics([_one_hot_ish(first), _one_hot_ish(second)], labels)
+    assert metrics["test/agreement"] == pytest.approx(5 / 8, rel=1e-9)
+    # Agreement is about the peers, not the labels: the same predictions, other labels.
+    other = classification.cohort_metrics([_one_hot_ish(first), _one_hot_ish(second)],
+                                          np.arange(8) % 4, prefix="val")
+    assert other["val/agreement"] == pytest.approx(5 / 8, rel=1e-9)
+
+
+def test_agreement_of_three_peers_is_the_mean_over_pairs_against_numpy():
+    rng = np.random.default_rng(3)
+    probs = [_softmax(rng.normal(size=(40, 5)) * 2).astype(np.float32) for _ in range(3)]
+    top1 = [p.argmax(axis=1) for p in probs]
+    pairs = [np.mean(top1[i] == top1[j]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    metrics = classification.cohort_metrics(probs, rng.integers(0, 5, 40))
+    assert metrics["test/agreement"] == pytest.approx(np.mean(pairs), rel=1e-9)
+    # Hand-counted: a-b agree on 3/4, a-c on 2/4, b-c on 1/4 images, mean 1/2 (not "all three
+    # agree", which would be 1/4 here).
+    a, b, c = [0, 1, 2, 3], [0, 1, 2, 0], [0, 2, 1, 3]
+    hand = classification.cohort_metrics([_one_hot_ish(x) for x in (a, b, c)], np.zeros(4, int))
+    assert hand["test/agreement"] == pytest.approx(0.5, rel=1e-9)
+
+
+def test_a_single_peer_has_no_agreement():
+    metrics = classification.cohort_metrics([_one_hot_ish([0, 1])], np.zeros(2, np.int64))
+    assert not any(k.endswith("agreement") for k in metrics)
 
 
 class _FixedFeatures:

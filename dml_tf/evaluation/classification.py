@@ -1,5 +1,7 @@
 """Classification metrics of a cohort: per peer, mean of peers, and the ensemble."""
 
+import itertools
+
 import numpy as np
 
 
@@ -38,8 +40,8 @@ def cohort_metrics(peer_probs, labels, prefix="test"):
 
     `{prefix}/peer{k}/{top1,top5,ce}` per peer (numbered from 1), `{prefix}/mean/...` with
     the same names (the average of the peers' values: what a paper's per-network number
-    describes) and `{prefix}/ensemble/...` (the metrics of the mean of the peers'
-    probabilities).
+    describes), `{prefix}/ensemble/...` (the metrics of the mean of the peers'
+    probabilities) and, for two or more peers, `{prefix}/agreement` (see `agreement`).
     """
     metrics = {}
     per_peer = [_metrics(probs, labels) for probs in peer_probs]
@@ -49,7 +51,20 @@ def cohort_metrics(peer_probs, labels, prefix="test"):
         metrics[f"{prefix}/mean/{name}"] = float(np.mean([v[name] for v in per_peer]))
     ensemble = _metrics(np.mean(peer_probs, axis=0), labels)
     metrics.update({f"{prefix}/ensemble/{name}": v for name, v in ensemble.items()})
+    if len(peer_probs) > 1:
+        metrics[f"{prefix}/agreement"] = agreement(peer_probs)
     return metrics
+
+
+def agreement(peer_probs):
+    """Fraction of images on which the peers predict the same class (their top-1).
+
+    For K > 2 peers: the mean over the K(K−1)/2 pairs of each pair's fraction (not the
+    fraction on which all K agree), so that it reads the same for any cohort size.
+    """
+    predicted = [np.argmax(p, axis=1) for p in peer_probs]
+    pairs = itertools.combinations(predicted, 2)
+    return float(np.mean([np.mean(a == b) for a, b in pairs]))
 
 
 def _metrics(probs, labels):
