@@ -12,22 +12,9 @@ FLAGS = flags.FLAGS
 
 
 def define_flags(flag_values=FLAGS):
-    """The shared flags plus CIFAR's own (a function, so tests can parse into fresh FlagValues)."""
-    config.define_flags(flag_values)
-    flags.DEFINE_enum("dataset", "cifar100", ["cifar10", "cifar100", "digits", "npz"],
-                      "cifar10 / cifar100 (paper Table 2), digits (scikit-learn's bundled 8x8 "
-                      "digits upsampled to 32x32: offline, for the quickstart) or npz (uint8 "
-                      "x_train/x_test and y_train/y_test arrays in the .npz file --data_dir).",
-                      flag_values=flag_values)
-    flags.DEFINE_string("data_dir", None,
-                        "An extracted cifar-10-batches-bin or cifar-100-binary folder (the original "
-                        "binary version, or its parent); unset: tensorflow-datasets (downloads). "
-                        "With --dataset=npz: the .npz file.", flag_values=flag_values)
-    flags.DEFINE_string("tfds_data_dir", None,
-                        "tensorflow-datasets data_dir (default ~/tensorflow_datasets).",
-                        flag_values=flag_values)
-    flags.DEFINE_float("labelled_fraction", 1.0, "Semi-supervised (paper Fig. 6a): the seeded "
-                       "share of each class that keeps its label.", flag_values=flag_values)
+    """The settings' flags with the table's defaults, CIFAR's own included (a function, so
+    tests can parse into fresh FlagValues)."""
+    config.define_flags(flag_values, "run_cifar.py")
 
 
 def make_config(flag_values):

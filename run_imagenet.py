@@ -16,23 +16,12 @@ FLAGS = flags.FLAGS
 DEFAULTS = dict(nets="mobilenet,mobilenet", optimizer="rmsprop", rmsprop_decay=0.9, momentum=0.9,
                 epsilon=1.0, learning_rate=0.1, lr_decay_rate=0.16, lr_decay_epochs=20.0,
                 batch_size=64, epochs=100, weight_decay=4e-5, eval_every_epochs=1,
-                eval_batch_size=100, model_dir="runs/imagenet/default")
+                eval_batch_size=100, model_dir="runs/imagenet/default", image_size="224")
 
 
 def define_flags(flag_values=FLAGS):
-    """The shared flags with ImageNet defaults, plus ImageNet's own."""
-    config.define_flags(flag_values)
-    fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("data_dir", None, "A folder of TFRecord shards train-00000-of-01024 ... "
-                        "validation-00127-of-00128 (build_imagenet_data.py layout); unset: "
-                        "tensorflow-datasets imagenet2012, whose archives you download by hand "
-                        "into <tfds_data_dir>/downloads/manual/.", **fv)
-    flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir.", **fv)
-    flags.DEFINE_string("image_size", "224", "Side of the square training and evaluation crops.", **fv)
-    flags.DEFINE_enum("init", "scratch", ["scratch", "imagenet"],
-                      "scratch (the paper) or Keras' ImageNet weights.", **fv)
-    for name, value in DEFAULTS.items():
-        flag_values.set_default(name, value)
+    """The settings' flags with ImageNet defaults (DEFAULTS), ImageNet's own included."""
+    config.define_flags(flag_values, "run_imagenet.py", DEFAULTS)
 
 
 def make_config(flag_values):

@@ -15,27 +15,12 @@ DEFAULTS = dict(nets="mobilenet,mobilenet", optimizer="adam", learning_rate=2e-4
                 adam_beta2=0.999, epsilon=1e-8, batch_size=16, weight_decay=4e-5,
                 method_args="label_smoothing=0.1", lr_decay_rate=1.0, lr_decay_epochs=0.0,
                 train_steps=200000, eval_every_epochs=25, eval_batch_size=64,
-                model_dir="runs/market1501/default")
+                model_dir="runs/market1501/default", image_size="224,224")
 
 
 def define_flags(flag_values=FLAGS):
-    """The shared flags with Market-1501 defaults, plus Market's own."""
-    config.define_flags(flag_values)
-    fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("data_dir", None, "The extracted Market-1501-v15.09.15 folder (or its "
-                        "parent) with bounding_box_train, query, bounding_box_test and gt_bbox.", **fv)
-    flags.DEFINE_string("image_size", "224,224", "H,W the crops are resized to (released code: "
-                        "224x224; 256,128 keeps Market's 2:1 aspect ratio).", **fv)
-    flags.DEFINE_integer("labelled_ids", 0, "Semi-supervised (paper Fig. 6b): the first M of the "
-                         "751 training identities are labelled; 0 = all.", **fv)
-    flags.DEFINE_enum("multiquery_pooling", "mean", ["mean", "max"], "Multi-query: pooling of a "
-                      "query identity's gt_bbox features under its camera.", **fv)
-    flags.DEFINE_enum("init", "scratch", ["scratch", "imagenet"], "Start from scratch or from "
-                      "Keras' ImageNet MobileNet weights (downloaded once; paper Table 3 'pre?').", **fv)
-    flags.DEFINE_string("init_checkpoint", None, "A local Keras weights file (.h5) for the "
-                        "backbone, instead of --init=imagenet on a machine without network.", **fv)
-    for name, value in DEFAULTS.items():
-        flag_values.set_default(name, value)
+    """The settings' flags with Market-1501 defaults (DEFAULTS), Market-1501's own included."""
+    config.define_flags(flag_values, "run_market.py", DEFAULTS)
 
 
 def make_config(flag_values):

@@ -17,23 +17,9 @@ from dml_tf.errors import UserError
 
 # The arguments that ask for the run script's manual (absl's --help and --helpshort, and -h).
 HELP_ARGS = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
-# --help's sections: a title and the flags it holds, in order; a flag in none of them is
-# listed under "other" (a run script's flag of its own).
-HELP_GROUPS = (
-    ("data", ("dataset", "data_dir", "tfds_data_dir", "image_size", "labelled_fraction",
-              "labelled_ids", "semi_supervised", "multiquery_pooling", "per_peer_augmentation",
-              "val_fraction")),
-    ("cohort and method", ("nets", "net_args", "init", "init_checkpoint", "method", "method_args",
-                           "update", "teacher_checkpoint", "teacher_peer")),
-    ("schedule", ("epochs", "train_steps", "steps_per_epoch", "batch_size", "eval_batch_size",
-                  "optimizer", "learning_rate", "lr_decay_rate", "lr_decay_epochs", "warmup_epochs",
-                  "momentum", "nesterov", "adam_beta1", "adam_beta2", "epsilon", "rmsprop_decay",
-                  "weight_decay", "seed")),
-    ("run and reliability", ("model_dir", "overwrite", "eval_every_epochs", "export",
-                             "checkpoint_every_steps", "on_nan", "on_collapse", "deterministic",
-                             "distribution", "peer_placement", "precision", "jit_compile",
-                             "intra_op_threads", "inter_op_threads")),
-)
+# --help's sections: a title and the flags it holds (the settings table's groups); a flag in
+# none of them is listed under "other".
+HELP_GROUPS = config_lib.help_groups()
 
 
 def main(define_flags, make_config, argv=None):

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+from dml_tf import config as config_lib
 from dml_tf.errors import UserError
 
 LOCK_NAME = ".dml_tf.lock"
@@ -25,11 +26,8 @@ LOCK_NAME = ".dml_tf.lock"
 RUN_FILES = ("flags.json", "results.json", "analysis.json", "checkpoints", "export")
 RUN_PATTERNS = ("events.out.tfevents.*", "analysis_*.png", "*.json.tmp", "export.tmp-*",
                 "export.old-*", "worker_scratch_*")
-# Config fields that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("epochs", "eval_every_epochs", "export", "steps_per_epoch", "eval_batch_size",
-                     "data_dir", "tfds_data_dir", "model_dir", "jit_compile", "train_steps",
-                     "intra_op_threads", "inter_op_threads", "overwrite", "deterministic",
-                     "on_nan", "on_collapse", "checkpoint_every_steps", "teacher_checkpoint")
+# Config fields that may change between a run and its resumption (the settings table's).
+RESUMABLE_CHANGES = config_lib.resumable_settings()
 # The longest name a run writes below model_dir (a checkpoint's temporary shard while saving).
 _LONGEST_RUN_PATH = "checkpoints/ckpt-9999999999_temp/part-00000-of-00001.data-00000-of-00001.tempstate0000000000000000000"
 
