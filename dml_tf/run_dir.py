@@ -2,13 +2,15 @@
 time, and only the run's own files are ever replaced.
 
 Imports nothing heavy: the run scripts call `check` before TensorFlow loads, so a mistake
-about the folder is reported in a second. `RunDir` is what train_lib holds for the life of a
-run: the lock, `--overwrite`, and atomic JSON writes.
+about the folder (or about the teacher run a kd run reads) is reported in a second. `RunDir`
+is what train_lib holds for the life of a run: the lock, `--overwrite`, atomic JSON writes,
+and no trace left by a run refused after it took the folder.
 """
 
 import errno
 import fcntl
 import fnmatch
+import glob
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ import sys
 import tempfile
 import time
 
+from dml_tf import choices
 from dml_tf import config as config_lib
 from dml_tf.errors import UserError
 
@@ -33,15 +36,24 @@ _LONGEST_RUN_PATH = "checkpoints/ckpt-9999999999_temp/part-00000-of-00001.data-0
 
 
 def check(config):
-    """Refuses, in one sentence, a --model_dir no run can use; creates nothing.
+    """Refuses, in one sentence, a run whose folders no run can use; creates nothing.
 
-    A file, a path under a file, a name too long for the filesystem, a folder that cannot be
-    written, a folder in use by a running process, a malformed flags.json, or a run of another
-    configuration (unless --overwrite).
+    Its --model_dir: a file, a path under a file, a name too long for the filesystem, a folder
+    that cannot be written, a folder in use by a running process, a malformed flags.json, or a
+    run of another configuration (unless --overwrite). For a method that distils from a
+    teacher run (kd) starting afresh, that run as well (`check_teacher`).
 
     Returns:
       True when the folder holds a previous run that --overwrite is to replace.
     """
+    replace = _check_model_dir(config)
+    resuming = not replace and _checkpoint_files(os.path.join(config.model_dir, "checkpoints"))
+    if config.method in choices.TEACHER_METHODS and not resuming:
+        check_teacher(config)  # a resumed run restores its teacher from its own checkpoint
+    return replace
+
+
+def _check_model_dir(config):
     path = config.model_dir
     if not path or not str(path).strip():
         raise UserError("--model_dir is empty; name the run's output folder.")
@@ -62,6 +74,83 @@ def check(config):
             f"--model_dir={path} holds a run with different {', '.join(changed)} (see its "
             "flags.json); pass a new --model_dir, or --overwrite to replace that run.")
     return bool(changed)
+
+
+def check_teacher(config):
+    """Refuses, in one sentence and without TensorFlow, a --teacher_checkpoint a kd run cannot
+    distil from: none given, a path that does not exist, no run's flags.json or no checkpoint
+    there, a --teacher_peer beyond that run's peers, or a teacher of another network (the
+    first of --nets) or another --dataset, all read from the teacher run's flags.json.
+
+    What only TensorFlow can see (a damaged checkpoint, another class count within a dataset)
+    is train_lib's to refuse.
+    """
+    path = config.teacher_checkpoint
+    if not path:
+        raise UserError(f"--method={config.method} distils from a fixed teacher: pass "
+                        "--teacher_checkpoint at the teacher run's --model_dir.")
+    run, checkpoint = _teacher_run(path)
+    if not checkpoint:
+        raise UserError(f"--teacher_checkpoint={path} holds no checkpoint; point it at a "
+                        "finished run's --model_dir.")
+    teacher_nets = run.get("nets")
+    k = config.teacher_peer
+    if not isinstance(teacher_nets, list) or not teacher_nets:
+        raise UserError(f"--teacher_checkpoint={path}: its run's flags.json names no --nets; "
+                        "point it at a run that run_cifar.py, run_market.py or run_imagenet.py wrote.")
+    if k > len(teacher_nets):
+        raise UserError(f"--teacher_peer={k} is beyond the {len(teacher_nets)} peers of the "
+                        f"teacher run {path} ({', '.join(map(str, teacher_nets))}); pass a "
+                        f"number from 1 to {len(teacher_nets)}.")
+    if teacher_nets[k - 1] != config.nets[0]:
+        raise UserError(f"--teacher_checkpoint={path} holds peer{k} = {teacher_nets[k - 1]}, but "
+                        f"this run's teacher (peer 1, the first of --nets) is {config.nets[0]}; "
+                        f"list {teacher_nets[k - 1]} first in --nets, or pick the teacher run's "
+                        f"peer of {config.nets[0]} with --teacher_peer.")
+    if run.get("dataset", config.dataset) != config.dataset:
+        raise UserError(f"--teacher_checkpoint={path} holds a peer{k} trained on --dataset="
+                        f"{run['dataset']}, not on this run's {config.dataset}; distil from a "
+                        f"teacher run on {config.dataset}.")
+
+
+def _teacher_run(path):
+    """(flags.json of the run --teacher_checkpoint names, whether a checkpoint is there).
+
+    `path` is a run's folder, its checkpoints/ folder, or a checkpoint prefix in either.
+    """
+    if os.path.isdir(path):
+        folders = [path, os.path.dirname(os.path.normpath(path))]
+        checkpoint = _checkpoint_files(os.path.join(path, "checkpoints")) or \
+            _checkpoint_files(path)
+    elif glob.glob(glob.escape(path) + ".*"):
+        folders = [os.path.dirname(path), os.path.dirname(os.path.dirname(path))]
+        checkpoint = os.path.exists(path + ".index")
+    else:
+        raise UserError(f"--teacher_checkpoint={path} does not exist; point it at the teacher "
+                        "run's --model_dir.")
+    for folder in folders:
+        flags_path = os.path.join(folder or ".", "flags.json")
+        if os.path.isfile(flags_path):
+            try:
+                return _load_json_object(flags_path), checkpoint
+            except (OSError, ValueError) as e:
+                raise UserError(f"{flags_path} is not a run's configuration ({str(e)[:80]}); "
+                                "point --teacher_checkpoint at a run that finished.") from None
+    raise UserError(f"--teacher_checkpoint={path} holds no flags.json (the teacher run's "
+                    "configuration); point it at the --model_dir of a run the run scripts wrote.")
+
+
+def _checkpoint_files(folder):
+    """Whether `folder` holds a checkpoint (a TensorFlow checkpoint's .index file)."""
+    return bool(glob.glob(os.path.join(glob.escape(folder), "*.index")))
+
+
+def _load_json_object(path):
+    with open(path) as f:
+        value = json.load(f)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
 
 
 def changed_settings(previous, current):
@@ -105,11 +194,7 @@ def _read_flags(path, overwrite):
     if not os.path.exists(flags_path):
         return None
     try:
-        with open(flags_path) as f:
-            previous = json.load(f)
-        if not isinstance(previous, dict):
-            raise ValueError("not a JSON object")
-        return previous
+        return _load_json_object(flags_path)
     except (OSError, ValueError) as e:
         if overwrite:
             return None
@@ -177,7 +262,10 @@ class RunDir:
 
     On entry: the checks of `check`, the folder created, its lock taken (chief only, in
     multi-worker runs), and with --overwrite the previous run's files removed (RUN_FILES and
-    RUN_PATTERNS only). On exit: the lock released.
+    RUN_PATTERNS only). On exit: the lock released; after an exception (a run refused once it
+    held the folder, e.g. a teacher checkpoint TensorFlow cannot read), also the lock file and
+    the folders it created, as long as the run wrote nothing there, so a refused run leaves
+    nothing behind.
     """
 
     def __init__(self, config, owner=True):
@@ -185,24 +273,41 @@ class RunDir:
         self.path = config.model_dir
         self.owner = owner and _writes_folder(config)
         self._lock_fd = None
+        self._created = []  # the folders __enter__ made, outermost first
+        self._created_lock = False
 
     def __enter__(self):
         replace = check(self.config)
+        self._created = _missing_folders(self.path)
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
             raise UserError(f"--model_dir={self.path} cannot be created ({e.strerror}); pass a "
                             "folder you can write to.") from None
         if self.owner:
+            self._created_lock = not os.path.exists(self.join(LOCK_NAME))
             self._lock_fd = _acquire_lock(self.path)
             if replace:
                 self.remove_run_files()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None and not _holds_run_files(self.path):
+            self._remove_traces()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
+
+    def _remove_traces(self):
+        """Removes the lock file and the folders this run created, which held nothing else."""
+        if self._created_lock and self._lock_fd is not None:
+            # Unlinked while still held: no other process can take a lock file about to vanish.
+            os.remove(self.join(LOCK_NAME))
+        for folder in reversed(self._created):
+            try:
+                os.rmdir(folder)  # only an empty folder: never anything the run did not make
+            except OSError:
+                break
 
     def join(self, *names):
         return os.path.join(self.path, *names)
@@ -224,6 +329,16 @@ class RunDir:
           ValueError: obj holds a non-finite number (it would not be valid JSON).
         """
         write_json_atomically(self.join(name), obj)
+
+
+def _missing_folders(path):
+    """The folders of `path` that do not exist yet, outermost first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.insert(0, path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def write_json_atomically(path, obj):
