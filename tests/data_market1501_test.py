@@ -1,11 +1,14 @@
 """Market-1501 loading: file names, the on-disk layout, errors, and the tf.data pipelines.
 
 The fixture writes a tiny dataset in the exact layout of the extracted archive (real JPEG
-files, junk and distractors in the gallery, gt_bbox, a Thumbs.db); the five real
-Market-1501 images of the project's shared data folder are read where that folder exists.
+files, junk and distractors in the gallery, gt_bbox, a Thumbs.db). Five crops named and
+encoded like Market-1501's (tests/fixtures/market1501_samples, synthetic, see its README)
+are read as the real ones would be; real crops too where DML_TF_MARKET_SAMPLES names a
+folder of them.
 """
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -16,7 +19,9 @@ from dml_tf.data import market1501
 from dml_tf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLES = os.path.join(ROOT, "..", "shared", "data", "market1501_samples")
+FIXTURE_SAMPLES = os.path.join(ROOT, "tests", "fixtures", "market1501_samples")
+# Real Market-1501 crops, where a user has them: an extra case, not collected otherwise.
+REAL_SAMPLES = os.environ.get("DML_TF_MARKET_SAMPLES")
 HEIGHT, WIDTH = 16, 8  # small, and taller than wide like Market's 128x64 boxes
 SIZE = (12, 6)  # pipeline output size in the tests: a real (down)resize, cheap
 
@@ -105,6 +110,7 @@ def reference(path, flip=False):
     ("-1_c1s1_000401_03.jpg", (-1, 1)),
     ("0000_c6s3_094992_01.jpg", (0, 6)),
     ("1501_c6s4_001902_01.jpg", (1501, 6)),
+    ("0002_c1s1_000451_03.JPG", (2, 1)),  # a copy that upper-cased the extension
 ])
 def test_parse_filename(name, expected):
     assert market1501.parse_filename(name) == expected
@@ -295,15 +301,24 @@ def test_eval_keeps_order_and_remainder(market):
 def test_a_non_jpeg_file_is_named_by_the_pipeline_and_check_images(market_copy):
     query = market1501.scan(market_copy)["query"]
     bad = query.paths[1]
-    with open(bad, "wb") as f:
+    with open(bad, "wb") as f:  # replaced after the scan: the pipeline names it too
         f.write(b"<html>404 Not Found</html>")
-    with pytest.raises(tf.errors.InvalidArgumentError, match=bad):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"{bad}.*is not a JPEG image"):
         list(market1501.eval_dataset(query.paths, batch_size=2, image_size=SIZE))
     with pytest.raises(UserError, match=f"{bad} is not a JPEG image"):
         market1501.check_images(query.paths)
 
 
-def test_check_images_names_a_damaged_jpeg(market_copy):
+def damaged_inside(path):
+    """Rewrites a JPEG with a 12-bit precision in its frame header: complete, undecodable."""
+    with open(path, "rb") as f:
+        data = f.read()
+    frame = data.index(b"\xff\xc0")  # SOF0: FF C0, length (2 bytes), precision (1 byte)
+    with open(path, "wb") as f:
+        f.write(data[:frame + 4] + b"\x0c" + data[frame + 5:])
+
+
+def test_check_images_names_a_truncated_and_a_damaged_jpeg(market_copy):
     query = market1501.scan(market_copy)["query"]
     market1501.check_images(query.paths)  # all good
     bad = query.paths[0]
@@ -311,23 +326,119 @@ def test_check_images_names_a_damaged_jpeg(market_copy):
         head = f.read(200)  # the header survives, the image data does not
     with open(bad, "wb") as f:
         f.write(head)
-    with pytest.raises(UserError, match=f"{bad} cannot be read as a JPEG image"):
+    for check in (market1501.check_files, market1501.check_images):
+        with pytest.raises(UserError, match=f"^{bad} is a truncated JPEG"):
+            check(query.paths)
+    # A JPEG damaged inside passes the marker check; only decoding finds it.
+    shutil.copy(query.paths[1], bad)
+    damaged_inside(bad)
+    market1501.check_files(query.paths)
+    with pytest.raises(UserError, match=f"^{bad} cannot be read as a JPEG image"):
         market1501.check_images(query.paths)
 
 
-# --- the real images ------------------------------------------------------------------------
+# --- files that are not what their names say, in every split -------------------------------
 
-@pytest.mark.skipif(not os.path.isdir(SAMPLES),
-                    reason=f"the real Market-1501 samples folder {SAMPLES} is absent")
-def test_real_market_images_decode_and_parse():
-    names = sorted(n for n in os.listdir(SAMPLES) if n.endswith(".jpg"))
-    assert len(names) == 5
-    paths = [os.path.join(SAMPLES, n) for n in names]
+def png_bytes(_):
+    return tf.io.encode_png(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).numpy()
+
+
+FAULTS = {  # name -> (new bytes from the old, the words of the message)
+    "png named .jpg": (png_bytes, "is a PNG image, not a JPEG"),
+    "empty": (lambda data: b"", r"is empty \(0 bytes\)"),
+    "truncated": (lambda data: data[:len(data) // 2], r"is a truncated JPEG \(it stops before its end-of-image marker\)"),
+    "html page": (lambda data: b"<html>403 Forbidden</html>", "is not a JPEG image"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("folder", sorted(LAYOUT))
+def test_a_bad_image_in_any_split_is_named_by_scan(market_copy, folder, fault):
+    path = os.path.join(market_copy, folder, LAYOUT[folder][-1][0])
+    rewrite, words = FAULTS[fault]
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(rewrite(data))
+    with pytest.raises(UserError) as err:
+        market1501.scan(market_copy)
+    message = str(err.value)
+    assert re.match(f"{re.escape(path)} {words}; replace it with the image from the Market-1501 "
+                    f"archive", message), message
+    assert message.count(". ") == 0 and message.endswith(".")
+
+
+def test_upper_case_jpg_files_are_read_not_skipped(market_copy):
+    folder = os.path.join(market_copy, "bounding_box_train")
+    renamed = {"0007_c1s1_000101_01.jpg": "0007_c1s1_000101_01.JPG",
+               "0011_c6s2_001126_02.jpg": "0011_c6s2_001126_02.Jpg"}
+    for old, new in renamed.items():
+        os.rename(os.path.join(folder, old), os.path.join(folder, new))
+    train = market1501.scan(market_copy)["train"]
+    expected = sorted(renamed.get(name, name) for name, _, _ in LAYOUT["bounding_box_train"])
+    assert [os.path.basename(p) for p in train.paths] == expected
+    assert len(train.paths) == len(LAYOUT["bounding_box_train"])  # no identity vanished
+    by_name = {name: (pid, camid) for name, pid, camid in LAYOUT["bounding_box_train"]}
+    for path, pid, camid in zip(train.paths, train.pids, train.camids):
+        name = os.path.basename(path)
+        original = next(old for old in by_name if old.lower() == name.lower())
+        assert (pid, camid) == by_name[original]
+    upper = os.path.join(folder, "0007_c1s1_000101_01.JPG")
+    assert market1501.decode(upper).shape == (HEIGHT, WIDTH, 3)
+
+
+@pytest.mark.parametrize("name", ["0002_c1s1_000999_01.png", "0002_c1s1_000999_01.jpeg",
+                                  "0002_c1s1_000999_01.JPEG", "photo.bmp"])
+def test_an_image_file_not_named_jpg_is_refused_not_skipped(market_copy, name):
+    path = os.path.join(market_copy, "bounding_box_test", name)
+    shutil.copy(os.path.join(market_copy, "query", LAYOUT["query"][0][0]), path)
+    suffix = os.path.splitext(name)[1]
+    with pytest.raises(UserError, match=f"^{re.escape(path)} is a {re.escape(suffix)} file, "
+                                        f"but Market-1501's images are JPEG files named .jpg"):
+        market1501.scan(market_copy)
+
+
+# --- Market-1501-style crops ---------------------------------------------------------------
+
+SAMPLE_FOLDERS = [FIXTURE_SAMPLES] + ([REAL_SAMPLES] if REAL_SAMPLES else [])
+
+
+@pytest.mark.parametrize("folder", SAMPLE_FOLDERS, ids=["fixture", "real"][:len(SAMPLE_FOLDERS)])
+def test_market_crops_decode_and_parse(folder):
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".jpg"))
+    assert names and (folder != FIXTURE_SAMPLES or len(names) == 5)
+    paths = [os.path.join(folder, n) for n in names]
     for name, path in zip(names, paths):
-        pid, camid = market1501.parse_filename(path)
-        assert pid == int(name[:4]) > 0 and camid == int(name[6]) and 1 <= camid <= 6
+        # The naming convention, read independently of the loader's regular expression.
+        identity, camera_sequence = name.split("_")[:2]
+        assert market1501.parse_filename(path) == (int(identity), int(camera_sequence[1]))
         assert market1501.decode(path).shape == (128, 64, 3)
     market1501.check_images(paths)
     (images,) = list(market1501.eval_dataset(paths, batch_size=8))
-    assert images.shape == (5, 224, 224, 3)
+    assert images.shape == (len(paths), 224, 224, 3)
     assert -1.0 <= float(tf.reduce_min(images)) < float(tf.reduce_max(images)) <= 1.0
+
+
+def test_fixture_crops_are_encoded_like_market_1501():
+    """Baseline JPEG, JFIF 1.01 with aspect-ratio density 1x1, 8-bit, 3 components at 4:2:0,
+    64x128: the header of every real Market-1501 crop, read byte by byte here."""
+    names = sorted(n for n in os.listdir(FIXTURE_SAMPLES) if n.endswith(".jpg"))
+    pids = sorted(int(n.split("_")[0]) for n in names)
+    assert pids[:2] == [-1, 0] and all(p > 0 for p in pids[2:])  # junk, distractor, people
+    for name in names:
+        with open(os.path.join(FIXTURE_SAMPLES, name), "rb") as f:
+            data = f.read()
+        assert data[:4] == b"\xff\xd8\xff\xe0" and data[-2:] == b"\xff\xd9"
+        assert data[6:11] == b"JFIF\0" and data[11:14] == b"\x01\x01\x00"  # 1.01, no unit
+        assert data[14:18] == b"\x00\x01\x00\x01"  # density 1x1
+        assert b"\xff\xc2" not in data  # not progressive
+        frame = data.index(b"\xff\xc0")
+        assert data[frame + 4:frame + 10] == b"\x08\x00\x80\x00\x40\x03"  # 8 bit, 128x64, 3
+        assert data[frame + 11] == 0x22 and data[frame + 14] == data[frame + 17] == 0x11  # 4:2:0
+
+
+def test_a_dangling_link_is_named_not_skipped(market_copy):
+    link = os.path.join(market_copy, "gt_bbox", "0005_c2s1_000021_00.jpg")
+    os.symlink(os.path.join(market_copy, "nowhere.jpg"), link)
+    with pytest.raises(UserError, match=f"^{re.escape(link)} cannot be read"):
+        market1501.scan(market_copy)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -81,16 +82,47 @@ def test_missing_data_dir_is_one_sentence(tmp_path):
         train_lib.train_and_evaluate(_config(tmp_path / "run", None))
 
 
-def test_corrupt_jpeg_is_named(tmp_path):
-    import shutil
-    root = str(tmp_path / market1501.DATASET_FOLDER)
-    write_market(root)
-    victim = sorted((tmp_path / market1501.DATASET_FOLDER / "bounding_box_train").glob("*.jpg"))[1]
-    data = victim.read_bytes()
-    victim.write_bytes(data[:len(data) // 3])  # a JPEG header, then the file just stops
-    with pytest.raises(UserError, match=victim.name):
-        train_lib.train_and_evaluate(_config(tmp_path / "run", root, export=False))
-    shutil.rmtree(root)
+def _checkpoints(run):
+    return sorted(p.name for p in run.rglob("*") if p.name.startswith("ckpt"))
+
+
+@pytest.mark.parametrize("folder", ["bounding_box_test", "query", "gt_bbox"])
+def test_a_png_named_jpg_in_an_evaluation_split_stops_the_run_before_training(tmp_path, folder):
+    root = tmp_path / market1501.DATASET_FOLDER
+    write_market(str(root))
+    victim = sorted((root / folder).glob("*.jpg"))[0]
+    victim.write_bytes(tf.io.encode_png(np.zeros((16, 8, 3), np.uint8)).numpy())
+    expected = f"^{re.escape(str(victim))} is a PNG image, not a JPEG; replace it"
+    # Found where the task is made, before any training step (it used to surface at the
+    # first evaluation, after an epoch, and that epoch's checkpoint was not written).
+    with pytest.raises(UserError, match=expected):
+        reid_task.market_task(_config(tmp_path / "unused", str(root)))
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=expected):
+        train_lib.train_and_evaluate(_config(run, str(root), export=False))
+    assert not _checkpoints(run)
+
+
+def test_an_empty_training_image_stops_the_task_before_training(tmp_path):
+    root = tmp_path / market1501.DATASET_FOLDER
+    write_market(str(root))
+    victim = sorted((root / "bounding_box_train").glob("*.jpg"))[1]
+    victim.write_bytes(b"")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(victim))} is empty \(0 bytes\)"):
+        reid_task.market_task(_config(tmp_path / "unused", str(root)))
+
+
+def test_a_jpeg_damaged_inside_is_named_when_training_decodes_it(tmp_path):
+    from data_market1501_test import damaged_inside
+    root = tmp_path / market1501.DATASET_FOLDER
+    write_market(str(root))
+    images = sorted((root / "bounding_box_train").glob("*.jpg"))
+    for image in images:  # every one, so that the first batch holds one whichever the order
+        damaged_inside(str(image))  # complete markers: the cheap check passes it
+    victim = images[0]  # the diagnosis names the first in name order
+    reid_task.market_task(_config(tmp_path / "unused", str(root)))
+    with pytest.raises(UserError, match=f"^{re.escape(str(victim))} cannot be read as a JPEG"):
+        train_lib.train_and_evaluate(_config(tmp_path / "run", str(root), export=False))
 
 
 def test_analysis_of_a_market_run(market_dir, tmp_path):
