@@ -65,9 +65,18 @@ def test_valid_npz_loads_with_labels_cast(tmp_path):
 NPZ_FAULTS = {
     # A stray label 12 among 0..9 would have made a 13-class model with 2 empty classes.
     "skipped class indices": (
-        dict(x_train=images(11), y_train=np.array(list(range(10)) + [12]),
+        dict(x_train=images(14), y_train=np.array(list(range(10)) + [12, 0, 1, 2]),
              y_test=np.array([0, 1, 2])),
         r"y_train has no example of class indices 10, 11 \(its labels run 0\.\.12\)"),
+    # max + 1 classes would need an example each: more than there are images. Refused before
+    # numpy counts the examples of 2^40 classes (an 8 TiB array: MemoryError).
+    "label 2^40": (dict(y_train=np.array([0, 1, 2, 0, 2 ** 40, 2])),
+                   r"y_train\[4\] is 1099511627776, more classes than its 6 examples can have; "
+                   r"labels must be class indices 0\.\.M-1 with M <= 6"),
+    "label 2^63 as uint64": (dict(y_train=np.array([0, 1, 2, 2 ** 63, 1, 2], np.uint64)),
+                             r"y_train\[3\] is 9223372036854775808, more classes than"),
+    "whole float label 1e300": (dict(y_train=np.array([0, 1, 2, 0, 1, 1e300])),
+                                r"y_train\[5\] is 1e\+300, more classes than"),
     "test class never trained": (
         dict(y_test=np.array([0, 3, 1])), r"y_test\[1\] is 3, a class with no example in y_train"),
     "negative label": (dict(y_train=np.array([0, 1, 2, -4, 1, 2])), r"y_train\[3\] is -4"),

@@ -29,9 +29,10 @@ def _subject(source, argument):
 
 
 def _number(value):
-    """A label value as written: 3 for 3 and 3.0, 2.5 for 2.5."""
+    """A label value as written: 3 for 3 and 3.0, 2.5 for 2.5, 1e+300 for 1e300."""
     value = value.item() if isinstance(value, np.generic) else value
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+    exact = isinstance(value, float) and value.is_integer() and abs(value) <= 2 ** 53
+    return int(value) if exact else value
 
 
 def _check_images(x_train, x_test, source):
@@ -89,7 +90,16 @@ def _infer_num_classes(y_train, source):
     if bad.size:
         raise UserError(f"{_subject(source, 'y_train')}[{bad[0]}] is {_number(y_train[bad[0]])}; "
                         f"labels must be class indices 0, 1, 2, ...")
-    num_classes = int(y_train.max()) + 1
+    top = int(np.argmax(y_train))
+    num_classes = int(y_train[top]) + 1
+    # Every class needs an example, so there are at most len(y_train) classes; refused before
+    # the count of examples per class, whose array would have num_classes entries (8 TiB for
+    # a label of 2^40).
+    if num_classes > len(y_train):
+        raise UserError(f"{_subject(source, 'y_train')}[{top}] is {_number(y_train[top])}, more "
+                        f"classes than its {len(y_train)} examples can have; labels must be class "
+                        f"indices 0..M-1 with M <= {len(y_train)} (every class needs an example), "
+                        f"numbered consecutively from 0.")
     empty = np.flatnonzero(np.bincount(y_train.astype(np.int64), minlength=num_classes) == 0)
     if empty.size:
         shown = ", ".join(map(str, empty[:10])) + (", ..." if empty.size > 10 else "")
