@@ -7,12 +7,34 @@ Trains on a real CIFAR-10 subset of 4,000 training and 1,000 test images, an .np
 with uint8 `x_train` [N, 32, 32, 3], `y_train`, `x_test`, `y_test` (ours,
 `cifar10_subset_train4000_test1000.npz`: the first 4,000 images of CIFAR-10's
 `data_batch_1` and the first 1,000 of its `test_batch`, lossless), and
-prints, per method, each peer's and the ensemble's test top-1 and each peer's mean
-posterior entropy on the training set (paper Sec. 4.8: DML's is higher).
+prints, per method, each peer's and the ensemble's test top-1, the peers' test agreement
+(fraction of test images on which they predict the same class), each peer's training top-1
+in the last epoch and its mean posterior entropy on the training set (paper Sec. 4.8: DML's
+is higher).
 
   .venv/bin/python bench/cifar10_subset.py --npz=PATH [--epochs=12] [--seeds=0,1,2]
 
 --npz is required unless the environment variable DML_TF_CIFAR10_SUBSET holds the path.
+
+Protocols (each the same for every method, never tuned per method): SGD Nesterov 0.9,
+batch 64, weight decay 5e-4, sequential updates, lr 0.1 with a 2-epoch linear warm-up, ×0.1
+every round(--decay_at × --epochs) epochs (staircase).
+- Short (the defaults, the README's seeded table): 12 epochs, ×0.1 after epoch 9.
+- To convergence: `--epochs=80 --decay_at=0.3`, the paper's CIFAR staircase (×0.1 every
+  60 of 200 epochs) scaled to 80: lr 0.1 to epoch 24, 0.01 to 48, 0.001 to 72, 0.0001 to
+  80. The library's staircase is uniform (dml_tf.schedules), so these are the drops it can
+  express; 80 epochs leave the last two lr stages for the independent peers to fit the
+  training set (training top-1 ~99 %) well before the end. `bench/diagnostics.py` reports
+  the epoch from which they did.
+- Heterogeneous: the same with `--nets=mobilenet,resnet32` (peer 1 MobileNet, peer 2
+  ResNet-32; paper Table 2's pair), in its own --out_dir.
+
+One folder per method and seed, `<method>_seed<s>/` under --out_dir (TensorBoard events,
+checkpoints, results.json; `bench/plot_curves.py` and `bench/diagnostics.py` read them). Run
+the same command again: a finished run is restored, not retrained, and an unfinished one
+(stopped, or cut short with the session) resumes from its last checkpoint. Its minutes, in
+`bench_seconds.json`, add up over the sessions that trained it (a process killed outright,
+SIGKILL, loses the minutes of its last session).
 """
 
 import json
@@ -36,6 +58,7 @@ from dml_tf import data as data_lib  # noqa: E402
 from dml_tf import tasks  # noqa: E402
 from dml_tf import losses, run_dir, train_lib  # noqa: E402
 from dml_tf.data import pipeline  # noqa: E402
+from dml_tf.errors import UserError  # noqa: E402
 
 NPZ_VARIABLE = "DML_TF_CIFAR10_SUBSET"  # the --npz default, for machines that keep the file
 flags.DEFINE_string("npz", os.environ.get(NPZ_VARIABLE), "The CIFAR-10 subset .npz (x_train, "
@@ -44,7 +67,9 @@ flags.DEFINE_integer("epochs", 12, "Epochs per method.")
 flags.DEFINE_float("learning_rate", 0.1, "Initial SGD (Nesterov 0.9) learning rate, the paper's "
                    "(with --warmup_epochs=0 its first steps blow up and a DML pair can collapse "
                    "to uniform predictions; earlier tables here used 0.02).")
-flags.DEFINE_float("decay_at", 0.75, "Fraction of the epochs after which lr drops x0.1.")
+flags.DEFINE_float("decay_at", 0.75, "lr drops x0.1 every round(decay_at x --epochs) epochs "
+                   "(staircase): 0.75 drops once, after 3/4 of the epochs; 0.3 is the paper's "
+                   "CIFAR schedule (every 60 of 200 epochs) scaled to --epochs.")
 flags.DEFINE_list("methods", ["independent", "dml"], "Methods to compare.")
 flags.DEFINE_list("precisions", ["float32"], "--precision of each run (every method is run "
                   "in each), e.g. float32,mixed_bfloat16.")
@@ -82,7 +107,11 @@ def train_entropy(cohort, data):
 
 
 def run_one(data, method, precision, seed):
-    """Trains (or, where its model_dir holds the finished run, restores) one method and seed."""
+    """Trains (resumes, or where its model_dir holds the finished run, restores) one run.
+
+    Returns:
+      (results dict, the peers' training-set entropies, seconds trained or None if unknown).
+    """
     cfg = config_lib.Config(
         # dataset "npz" at the file: `python -m dml_tf.analysis` can restore these runs.
         dataset="npz", data_dir=os.path.abspath(FLAGS.npz), nets=config_lib.parse_nets(FLAGS.nets),
@@ -97,68 +126,128 @@ def run_one(data, method, precision, seed):
         precision=precision,
         model_dir=os.path.join(FLAGS.out_dir, f"{method}_{precision}_seed{seed}"
                                if precision != "float32" else f"{method}_seed{seed}"))
-    # A finished run is restored, not retrained: its training time is kept beside it.
-    seconds_file = os.path.join(cfg.model_dir, "bench_seconds.json")
-    trained_before = os.path.exists(os.path.join(cfg.model_dir, "results.json"))
-    started = time.time()
-    cohort, results = train_lib.train_cohort(cfg, tasks.ClassificationTask(data))
-    if trained_before and os.path.exists(seconds_file):
-        with open(seconds_file) as f:
-            seconds = json.load(f)["seconds"]
-    else:
-        seconds = time.time() - started
-        run_dir.write_json_atomically(seconds_file, {"seconds": seconds})
+    cohort, results, seconds = _train_timed(cfg, tasks.ClassificationTask(data))
     return results, train_entropy(cohort, data), seconds
 
 
+def _train_timed(cfg, task):
+    """train_lib.train_cohort, with the seconds it trained added to earlier sessions' ones."""
+    seconds_file = os.path.join(cfg.model_dir, "bench_seconds.json")
+    finished_before = os.path.exists(os.path.join(cfg.model_dir, "results.json"))
+    try:
+        with open(seconds_file) as f:
+            earlier = float(json.load(f)["seconds"])
+    except (OSError, ValueError, KeyError):
+        # A run finished by another command has no count; an unfinished one starts at zero.
+        earlier = None if finished_before else 0.0
+    started = time.time()
+    try:
+        cohort, results = train_lib.train_cohort(cfg, task)
+    finally:
+        # Also when stopped (SIGINT/SIGTERM): the resumed run adds its time to these seconds.
+        # Only into the run's own folder (flags.json written), never a restore's seconds.
+        if not finished_before and os.path.exists(os.path.join(cfg.model_dir, "flags.json")):
+            earlier += time.time() - started
+            run_dir.write_json_atomically(seconds_file, {"seconds": earlier})
+    return cohort, results, earlier
+
+
 def _mean_std(values, digits=2, sign=""):
-    """'mean ± sample std' of the values (sign="+" for differences)."""
+    """'mean ± sample std' of the values (sign="+" for differences); "n/a" if any is missing."""
     values = np.asarray(values, float)
+    if np.isnan(values).any():
+        return "n/a"
     text = f"{values.mean():{sign}.{digits}f}"
     return f"{text} ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else text
 
 
-def print_tables(runs, k, seeds):
-    """Per-seed rows, then per method mean ± std (sample std), then paired differences."""
-    names = [f"peer{i}" for i in range(1, k + 1)] + ["ensemble"]
+def _percent(results, key):
+    """results[key] in %, nan where the run's results lack it (a run from before the key)."""
+    return 100 * results.get(key, float("nan"))
 
-    def top1(results, name):
-        return 100 * results[f"test/{name}/top1"]
 
-    header = ["method", "seed"] + [f"{n} top1" for n in names] + [
-        f"peer{i} entropy" for i in range(1, k + 1)] + ["minutes"]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+def _columns(nets):
+    """[(header, value of (results, entropies))] of the tables: test top-1, agreement, training
+    top-1, entropy. Peers carry their network's name when the cohort mixes networks."""
+    names = [f"peer{k} {net}" if len(set(nets)) > 1 else f"peer{k}"
+             for k, net in enumerate(nets, start=1)]
+    cols = [(f"{n} top1", lambda r, e, k=k: _percent(r, f"test/peer{k}/top1"))
+            for k, n in enumerate(names, start=1)]
+    cols.append(("ensemble top1", lambda r, e: _percent(r, "test/ensemble/top1")))
+    if len(nets) > 1:
+        cols.append(("agreement", lambda r, e: _percent(r, "test/agreement")))
+    cols += [(f"{n} train top1", lambda r, e, k=k: _percent(r, f"train/peer{k}/top1"))
+             for k, n in enumerate(names, start=1)]
+    cols += [(f"{n} entropy", lambda r, e, k=k: e[k - 1]) for k, n in enumerate(names, start=1)]
+    return cols
+
+
+def _row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(cells):
+    return _row(cells) + "\n|" + "---|" * len(cells)
+
+
+def _number(header, value):
+    return "n/a" if np.isnan(value) else f"{value:.{4 if header.endswith('entropy') else 2}f}"
+
+
+def print_tables(runs, nets, seeds):
+    """Per-seed rows, then per method mean ± std (sample std), then paired differences.
+
+    Args:
+      runs: {(method, seed): (results dict, training-set entropy per peer, seconds or None)}.
+      nets: the cohort's network names, peer 1 first.
+      seeds: the seeds, in order.
+    """
+    cols = _columns(nets)
+    print(_header(["method", "seed"] + [h for h, _ in cols] + ["minutes"]))
     for (method, seed), (results, entropy, seconds) in runs.items():
-        cells = [method, str(seed)] + [f"{top1(results, n):.2f}" for n in names]
-        print("| " + " | ".join(cells + [f"{e:.4f}" for e in entropy] + [f"{seconds / 60:.1f}"]) + " |")
+        minutes = "n/a" if seconds is None else f"{seconds / 60:.1f}"
+        print(_row([method, str(seed)] + [_number(h, f(results, entropy)) for h, f in cols]
+                   + [minutes]))
     methods = list(dict.fromkeys(m for m, _ in runs))
     if len(seeds) < 2:
         return
     print(f"\nMean ± std over seeds {', '.join(map(str, seeds))}:\n")
-    header = ["method"] + [f"{n} top1" for n in names] + [f"peer{i} entropy" for i in range(1, k + 1)]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print(_header(["method"] + [h for h, _ in cols]))
     for method in methods:
-        cells = [method] + [_mean_std([top1(runs[method, s][0], n) for s in seeds]) for n in names]
-        cells += [_mean_std([runs[method, s][1][i] for s in seeds], digits=4) for i in range(k)]
-        print("| " + " | ".join(cells) + " |")
+        print(_row([method] + [_mean_std([f(*runs[method, s][:2]) for s in seeds],
+                                         digits=4 if h.endswith("entropy") else 2)
+                               for h, f in cols]))
+    top1 = [(h[:-len(" top1")], f) for h, f in cols if h.endswith(" top1")
+            and not h.endswith("train top1")]
     base = methods[0]
     for method in methods[1:]:
-        print(f"\nPaired difference {method} − {base}, top-1 points, per seed:\n")
-        print("| " + " | ".join(["seed"] + names) + " |\n|" + "---|" * (len(names) + 1))
-        diffs = {n: [top1(runs[method, s][0], n) - top1(runs[base, s][0], n) for s in seeds]
-                 for n in names}
+        print(f"\nPaired difference {method} − {base}, test top-1 points, per seed:\n")
+        print(_header(["seed"] + [n for n, _ in top1]))
+        diffs = {n: [f(*runs[method, s][:2]) - f(*runs[base, s][:2]) for s in seeds]
+                 for n, f in top1}
         for j, seed in enumerate(seeds):
-            print("| " + " | ".join([str(seed)] + [f"{diffs[n][j]:+.2f}" for n in names]) + " |")
-        print("| mean ± std | " + " | ".join(_mean_std(diffs[n], sign="+") for n in names) + " |")
+            print(_row([str(seed)] + [f"{diffs[n][j]:+.2f}" for n, _ in top1]))
+        print(_row(["mean ± std"] + [_mean_std(diffs[n], sign="+") for n, _ in top1]))
 
 
 def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        run_all()
+    except UserError as e:  # a flag, file or run folder to fix: one line, as the run scripts
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_all():
+    """Every precision, seed and method (restored, resumed or trained), then the tables."""
     if not FLAGS.npz:
-        sys.exit(f"error: pass --npz at the CIFAR-10 subset .npz (or set {NPZ_VARIABLE}).")
+        raise UserError(f"pass --npz at the CIFAR-10 subset .npz (or set {NPZ_VARIABLE}).")
     if not os.path.exists(FLAGS.npz):
-        sys.exit(f"error: {FLAGS.npz} not found; pass --npz at cifar10_subset_train4000_test1000.npz.")
+        raise UserError(f"--npz={FLAGS.npz} not found; pass the path of "
+                        "cifar10_subset_train4000_test1000.npz.")
+    nets = list(config_lib.parse_nets(FLAGS.nets))
     data = load_subset(FLAGS.npz)
     seeds = [int(s) for s in FLAGS.seeds]
     runs = {}
@@ -167,11 +256,10 @@ def main(argv):
             for method in FLAGS.methods:
                 name = method if precision == "float32" else f"{method} ({precision})"
                 runs[name, seed] = run_one(data, method, precision, seed)
-    k = len(config_lib.parse_nets(FLAGS.nets))
     print(f"\nReal CIFAR-10 subset (4000 train / 1000 test), {FLAGS.nets}, {FLAGS.epochs} epochs, "
-          f"lr {FLAGS.learning_rate} (warm-up {FLAGS.warmup_epochs} epochs, ×0.1 after "
+          f"lr {FLAGS.learning_rate} (warm-up {FLAGS.warmup_epochs} epochs, ×0.1 every "
           f"{max(1, round(FLAGS.decay_at * FLAGS.epochs))}), {FLAGS.update}, TF {tf.__version__}\n")
-    print_tables(runs, k, seeds)
+    print_tables(runs, nets, seeds)
 
 
 if __name__ == "__main__":
