@@ -1,6 +1,7 @@
 """The command line: mistakes reported in one sentence before TensorFlow starts, --help as the
 run script's manual, no TensorFlow start-up lines, honest progress in a log."""
 
+import dataclasses
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from dml_tf import quiet_start
+from dml_tf import config, quiet_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs a run script with TensorFlow made unimportable: importing it (or Keras) raises.
@@ -28,14 +29,14 @@ CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 ABSL_LOG_LINE = re.compile(r"^[IWEF]\d{4} ")
 
 
-def _run(script, *args, tensorflow=True, env=None, timeout=120):
-    """Runs `script` from the repository root; returns (process, wall seconds)."""
+def _run(script, *args, tensorflow=True, env=None, timeout=120, cwd=ROOT):
+    """Runs `script` from `cwd` (the repository root); returns (process, wall seconds)."""
     command = [sys.executable, os.path.join(ROOT, script), *args]
     if not tensorflow:
         command = [sys.executable, "-c", WITHOUT_TENSORFLOW, os.path.join(ROOT, script), *args]
     environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     started = time.monotonic()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env=environ | (env or {}))
     return proc, time.monotonic() - started
 
@@ -50,8 +51,10 @@ def _run(script, *args, tensorflow=True, env=None, timeout=120):
     (["--net_args=name=x"], "--net_args"),
     (["--method=nope"], "--method"),
     (["--epochs=ten"], "--epochs"),
-    (["--flagfile=flags/no_such.flags"], "no_such.flags"),
+    (["--flagfile=flags/no_such.flags"], "--flagfile=flags/no_such.flags does not exist in the "
+                                         f"working directory {ROOT}; give the file's path"),
     (["stray"], "stray"),
+    (["--epochs=3", "--train_steps=10"], "--epochs=3 and --train_steps=10 both give the run's length"),
 ])
 def test_a_bad_flag_is_one_sentence_exit_2_before_tensorflow(args, flag, tmp_path):
     proc, seconds = _run("run_cifar.py", *args, f"--model_dir={tmp_path / 'run'}",
@@ -104,6 +107,122 @@ def test_help_in_a_flagfile_and_short_forms(tmp_path):
 def test_helpfull_still_lists_every_flag():
     proc, _ = _run("run_cifar.py", "--helpfull", tensorflow=False)
     assert "--nets" in proc.stdout and "--[no]logtostderr" in proc.stdout
+
+
+PRINTED = re.compile(r"^  (--\w+(?:=\S*| \(unset\)))\s+(.+)$")
+
+
+def _printed(stdout):
+    """--print_config's rows: {'--name=value' or '--name (unset)': origin}."""
+    rows = [PRINTED.match(line) for line in stdout.splitlines() if line.startswith("  --")]
+    assert all(rows), stdout
+    return {row.group(1): row.group(2) for row in rows}
+
+
+def _project(tmp_path):
+    """Flagfiles that include a shared one by its path from the project root, as flags/ does,
+    and a working directory outside the project."""
+    base = tmp_path / "project" / "flags" / "base.flags"
+    experiment = tmp_path / "project" / "flags" / "paper" / "exp.flags"
+    experiment.parent.mkdir(parents=True)
+    base.write_text("# shared schedule\n--learning_rate=0.05\n--batch_size=8\n\n// absl's other "
+                    "comment\n--nonesterov\n")
+    experiment.write_text("--flagfile=flags/base.flags\n--nets=tiny,tiny\n--batch_size=16\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    return base, experiment, elsewhere
+
+
+def test_print_config_gives_every_setting_its_value_and_origin_without_tensorflow(tmp_path):
+    base, experiment, elsewhere = _project(tmp_path)
+    model_dir = tmp_path / "run"
+    proc, seconds = _run("run_cifar.py", f"--flagfile={experiment}", "--seed=4",
+                         f"--model_dir={model_dir}", "--print_config", tensorflow=False,
+                         cwd=elsewhere)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    rows = _printed(proc.stdout)
+    assert rows["--learning_rate=0.05"] == f"flagfile {base}"  # nested, found from its includer
+    assert rows["--nesterov=false"] == f"flagfile {base}"
+    assert rows["--batch_size=16"] == f"flagfile {experiment}"  # the later line wins
+    assert rows["--nets=tiny,tiny"] == f"flagfile {experiment}"
+    assert rows["--seed=4"] == rows[f"--model_dir={model_dir}"] == "command line"
+    assert rows["--optimizer=sgd"] == rows["--data_dir (unset)"] == "default"
+    assert rows["--init=scratch"] == "default (not a flag of run_cifar.py)"
+    names = {re.match(r"--(\w+)", shown).group(1) for shown in rows}
+    assert names == {f.name for f in dataclasses.fields(config.Config)}
+    assert not model_dir.exists() and os.listdir(elsewhere) == []
+    assert seconds < 10
+
+
+def test_print_config_of_the_paper_flagfiles_from_another_folder(tmp_path):
+    proc, _ = _run("run_cifar.py", f"--flagfile={ROOT}/flags/cifar100/dml_resnet32_resnet32.flags",
+                   "--print_config", tensorflow=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = _printed(proc.stdout)
+    assert rows["--epochs=200"] == f"flagfile {ROOT}/flags/cifar_paper.flags"
+    assert rows["--dataset=cifar100"] == f"flagfile {ROOT}/flags/cifar100/dml_resnet32_resnet32.flags"
+
+
+def test_print_config_names_the_scripts_defaults_and_an_epochs_that_beats_its_budget():
+    proc, _ = _run("run_market.py", "--epochs=1", "--print_config", tensorflow=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = _printed(proc.stdout)
+    assert rows["--epochs=1"] == "command line"
+    assert rows["--train_steps (unset)"] == "run_market.py default 200000, yielding to --epochs"
+    assert rows["--optimizer=adam"] == "run_market.py default"
+    assert rows["--dataset=market1501"] == "set by run_market.py"
+
+
+@pytest.mark.parametrize("content, words", [
+    ("--flagfile=flags/missing.flags\n",
+     r"^error: --flagfile=flags/missing.flags, named in .*exp.flags, exists neither from the "
+     r"working directory nor from that file's folder or any folder above it; correct the path"),
+    ("--flagfile=flags/paper/exp.flags\n",
+     r"^error: .*exp.flags includes --flagfile=.*exp.flags, which is already being read"),
+    ("--flagfile=flags\n", r"^error: --flagfile=.*flags is a folder; pass a file of flags\.$"),
+])
+def test_a_flagfile_that_cannot_be_read_is_one_sentence(tmp_path, content, words):
+    _, experiment, elsewhere = _project(tmp_path)
+    experiment.write_text(content)
+    proc, _ = _run("run_cifar.py", f"--flagfile={experiment}", f"--model_dir={tmp_path / 'run'}",
+                   tensorflow=False, cwd=elsewhere)
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1 and re.match(words, proc.stderr), proc.stderr
+    assert "ERROR::" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def _teacher_run(folder, nets=("tiny", "tiny"), dataset="digits"):
+    """A finished run's folder as the run scripts write it: flags.json, checkpoints/ckpt-N.*."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "flags.json").write_text(json.dumps({"dataset": dataset, "nets": list(nets),
+                                                   "method": "independent"}, indent=2))
+    (folder / "checkpoints" / "checkpoint").write_text('model_checkpoint_path: "ckpt-4"\n')
+    for suffix in (".index", ".data-00000-of-00001"):
+        (folder / "checkpoints" / f"ckpt-4{suffix}").write_bytes(b"\0")
+    return folder
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "--method=kd distils from a fixed teacher: pass --teacher_checkpoint at the teacher run's"),
+    (["--teacher_checkpoint={tmp}/nowhere"], "nowhere does not exist"),
+    (["--teacher_checkpoint={tmp}"], "holds no flags.json"),
+    (["--teacher_checkpoint={tmp}/teacher", "--teacher_peer=3"],
+     "--teacher_peer=3 is beyond the 2 peers of the teacher run"),
+    (["--teacher_checkpoint={tmp}/teacher", "--nets=resnet32,tiny"],
+     "holds peer1 = tiny, but this run's teacher (peer 1, the first of --nets) is resnet32"),
+    (["--teacher_checkpoint={tmp}/teacher", "--dataset=cifar10"],
+     "trained on --dataset=digits, not on this run's cifar10"),
+])
+def test_a_refused_kd_run_stops_before_tensorflow_and_leaves_nothing(tmp_path, args, words):
+    _teacher_run(tmp_path / "teacher")
+    model_dir = tmp_path / "runs" / "kd"
+    proc, seconds = _run("run_cifar.py", "--dataset=digits", "--nets=tiny,tiny", "--method=kd",
+                         *(arg.format(tmp=tmp_path) for arg in args), f"--model_dir={model_dir}",
+                         tensorflow=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists() and seconds < 10
 
 
 def test_an_error_found_after_tensorflow_starts_is_the_first_line(tmp_path):

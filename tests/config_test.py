@@ -9,6 +9,7 @@ import pytest
 from absl import flags
 
 import run_cifar
+import run_market
 from dml_tf import config
 from dml_tf.errors import UserError
 
@@ -92,3 +93,24 @@ def test_accepted_library_arguments_pass():
                    "--method_args=temperature=4,label_smoothing=0.1")
     assert cfg.net_args == (("dropout", 0.3),)
     assert dict(cfg.method_args) == {"temperature": 4, "label_smoothing": 0.1}
+
+
+def _market(*args):
+    flag_values = flags.FlagValues()
+    run_market.define_flags(flag_values)
+    flag_values(["run_market.py", *args])
+    return run_market.make_config(flag_values)
+
+
+def test_an_explicit_epochs_beats_the_scripts_default_step_budget(tmp_path):
+    assert (_market().epochs, _market().train_steps) == (200, 200000)  # the released code's
+    assert (_market("--epochs=1").epochs, _market("--epochs=1").train_steps) == (1, None)
+    assert _market("--train_steps=50").train_steps == 50
+    flagfile = tmp_path / "budget.flags"
+    flagfile.write_text("--train_steps=300\n")
+    with pytest.raises(UserError, match=r"^--epochs=2 and --train_steps=300 both give the run's "
+                                        r"length .*add --train_steps=0 to train for --epochs\.$"):
+        _market(f"--flagfile={flagfile}", "--epochs=2")
+    cfg = _market(f"--flagfile={flagfile}", "--epochs=2", "--train_steps=0")
+    assert (cfg.epochs, cfg.train_steps) == (2, None)
+    assert _config("--train_steps=0").train_steps is None  # 0: no budget, as unset
