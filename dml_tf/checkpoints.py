@@ -5,7 +5,8 @@ file (`checkpoints/checkpoint`): with that file missing or garbled, the newest `
 disk is used; a damaged newest checkpoint (truncated data, bad index, missing shard) is named,
 moved to `checkpoints/damaged/` (kept, never deleted), and the newest intact one is used
 instead. Only when checkpoint files exist but none loads does the run refuse to start: it
-never trains from scratch over a run's checkpoints.
+never trains from scratch over a run's checkpoints. A save that finds the disk full (`save`)
+is one sentence with the space it needs, and the checkpoints already written stay.
 """
 
 import glob
@@ -13,12 +14,20 @@ import os
 import re
 import shutil
 
+import numpy as np
 import tensorflow as tf
 
+from dml_tf import disk
 from dml_tf.errors import UserError
 
 _INDEX = re.compile(r"ckpt-(\d+)\.index$")
 MAX_TO_KEEP = 3
+
+
+def number(prefix):
+    """The N of a `.../ckpt-N` prefix (train_lib saves under the global step), or None."""
+    match = _INDEX.search(os.path.basename(prefix) + ".index")
+    return int(match.group(1)) if match else None
 
 
 def prefixes(directory):
@@ -118,3 +127,65 @@ def _repair_state(directory, restored):
 def manager(checkpoint, directory):
     """The run's CheckpointManager (the last MAX_TO_KEEP checkpoints kept)."""
     return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=MAX_TO_KEEP)
+
+
+def save(manager, checkpoint_number):
+    """`manager.save(checkpoint_number=...)`, where a full disk is one sentence.
+
+    A save that fails leaves the checkpoints already written and the state file as they were
+    (CheckpointManager renames a complete temporary folder into place and prunes old
+    checkpoints only afterwards); its half-written temporary folder is removed, since it only
+    takes the space the next attempt needs.
+
+    Returns:
+      The new checkpoint's prefix.
+
+    Raises:
+      UserError: the disk (or the quota) holding manager.directory is full.
+    """
+    directory = manager.directory
+    try:
+        return manager.save(checkpoint_number=checkpoint_number)
+    except Exception as e:  # noqa: BLE001 (TensorFlow's writers raise OpError, Python's OSError)
+        if not disk.is_full(e):
+            raise
+    remove_temporaries(directory)
+    newest = prefixes(directory)
+    needed = (disk.size_of(glob.glob(glob.escape(newest[0]) + ".*")) if newest
+              else _variable_bytes(manager.checkpoint))
+    kept = (f"run the same command to resume from {os.path.basename(newest[0])}, which is kept"
+            if newest else "run the same command to start again")
+    raise UserError(f"{disk.full_message(f'checkpoint ckpt-{checkpoint_number}', directory, needed)}"
+                    f"; free that much space there and {kept}.")
+
+
+def _variable_bytes(checkpoint):
+    """Bytes of the variables `checkpoint` saves (the size of a first checkpoint, roughly)."""
+    import keras  # Only here: the estimate of a first save walks Keras' variables too.
+    seen, total = set(), 0
+    for trackable in tf.train.TrackableView(checkpoint).descendants():
+        if isinstance(trackable, (tf.Variable, keras.Variable)) and id(trackable) not in seen:
+            seen.add(id(trackable))
+            dtype = tf.as_dtype(trackable.dtype)
+            if dtype != tf.string:  # a few bytes of bookkeeping (epoch_means), not counted
+                total += int(np.prod(tuple(trackable.shape))) * dtype.size
+    return total
+
+
+def position(prefix):
+    """Where training was when the checkpoint `prefix` (of train_lib.make_checkpoint) was saved.
+
+    Read from the checkpoint file itself, without building a cohort.
+
+    Returns:
+      dict with "name" ("ckpt-N"), "step" (N, the global step), "epoch" (epochs completed),
+      "step_in_epoch" (steps done into the next epoch) and "closed" (whether the epoch-end
+      work, evaluation included, was done for this position).
+    """
+    reader = tf.train.load_checkpoint(prefix)
+
+    def value(name):
+        return reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+
+    return {"name": os.path.basename(prefix), "step": number(prefix), "epoch": int(value("epoch")),
+            "step_in_epoch": int(value("step_in_epoch")), "closed": bool(value("closed"))}

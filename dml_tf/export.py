@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from dml_tf import cohort as cohort_lib
-from dml_tf import run_dir
+from dml_tf import disk, run_dir
+from dml_tf.errors import UserError
 
 MARKER = "COMPLETE.json"
 
@@ -154,6 +155,7 @@ def export_cohort(cohort, export_dir, preprocess=None, serving_shape=None, *, ch
 
     Raises:
       RuntimeError: `check_images` were given and a SavedModel fails `check_export`.
+      UserError: the disk holding `export_dir` is full (the previous export stays).
     """
     preprocess = preprocess or _default_preprocess
     image_shape = tuple(serving_shape or cohort_lib.input_shape(cohort.models[0])[1:])
@@ -164,20 +166,45 @@ def export_cohort(cohort, export_dir, preprocess=None, serving_shape=None, *, ch
     staging = f"{export_dir}.tmp-{os.getpid()}"
     paths = {name: os.path.join(export_dir, name) for name in groups}
     try:
-        staged = {name: os.path.join(staging, name) for name in groups}
-        for name, models in groups.items():
-            module = _Serving(models, preprocess, image_shape)
-            tf.saved_model.save(module, staged[name], signatures={"serving_default": module.serve})
-        if check_images is not None:
-            _check_against_cohort(staged, paths, cohort, check_images, preprocess, atol=1e-4)
-        now = datetime.datetime.now(datetime.timezone.utc)
-        marker = {"savedmodels": list(groups), "source": source,
-                  "time": now.isoformat(timespec="seconds")}
-        run_dir.write_json_atomically(os.path.join(staging, MARKER), marker)
+        _stage(groups, staging, paths, cohort, preprocess, image_shape, check_images, source)
         _swap_into_place(staging, export_dir)
+    except Exception as e:  # noqa: BLE001 (TensorFlow's writers raise OpError, Python's OSError)
+        if not disk.is_full(e):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # first: the free space it reports is real
+        raise UserError(_full_disk_message(export_dir, cohort.models)) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return paths
+
+
+def _stage(groups, staging, paths, cohort, preprocess, image_shape, check_images, source):
+    """Writes (and checks) every SavedModel of `groups` in `staging`, then the marker."""
+    staged = {name: os.path.join(staging, name) for name in groups}
+    for name, models in groups.items():
+        module = _Serving(models, preprocess, image_shape)
+        tf.saved_model.save(module, staged[name], signatures={"serving_default": module.serve})
+    if check_images is not None:
+        _check_against_cohort(staged, paths, cohort, check_images, preprocess, atol=1e-4)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    marker = {"savedmodels": list(groups), "source": source,
+              "time": now.isoformat(timespec="seconds")}
+    run_dir.write_json_atomically(os.path.join(staging, MARKER), marker)
+
+
+def _full_disk_message(export_dir, models):
+    """The sentence for an export that found the disk full: space needed, what is kept."""
+    if os.path.isdir(export_dir):
+        needed = disk.size_of([export_dir])  # the previous export: the same networks
+        kept = f"the previous export in {export_dir} is kept"
+    else:
+        # Each peer's weights are saved twice: in its own SavedModel and in the ensemble's.
+        needed = 2 * sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+                         for m in models for v in m.weights)
+        kept = f"nothing was written to {export_dir}"
+    parent = os.path.dirname(export_dir)
+    return f"{disk.full_message('the export', parent, needed)}; free that much space there " \
+           f"and export again ({kept})."
 
 
 def is_complete(export_dir, source=None):

@@ -1,5 +1,6 @@
 """SavedModel export: the serving contract, atomic replacement, and the export check."""
 
+import errno
 import json
 import os
 import shutil
@@ -12,7 +13,8 @@ import pytest
 import tensorflow as tf
 
 from dml_tf import cohort as cohort_lib
-from dml_tf import export, methods, nets
+from dml_tf import disk, export, methods, nets, run_dir
+from dml_tf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
@@ -247,6 +249,58 @@ def test_a_failure_while_writing_keeps_the_previous_export(tmp_path, monkeypatch
     assert export.is_complete(export_dir, "old")
     np.testing.assert_array_equal(_served_probabilities(export_dir, images), before)
     assert _siblings(export_dir) == []
+
+
+def _du(path):
+    """Bytes a folder takes on disk, as `du` counts them (whole blocks)."""
+    out = subprocess.run(["du", "-s", "-B1", path], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
+def test_a_full_disk_keeps_the_previous_export_and_says_how_much_space(tmp_path, monkeypatch):
+    export_dir = str(tmp_path / "export")
+    images = _images(4)
+    export.export_cohort(_cohort(), export_dir, source="old")
+    before, size = _served_probabilities(export_dir, images), _du(export_dir)
+    real_write = run_dir.write_json_atomically
+
+    def full(path, value):  # the marker, last of all: every SavedModel was written
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(run_dir, "write_json_atomically", full)
+    with pytest.raises(UserError) as raised:
+        export.export_cohort(_cohort(), export_dir, source="new")
+    monkeypatch.setattr(run_dir, "write_json_atomically", real_write)
+    free = disk.human(shutil.disk_usage(str(tmp_path)).free)
+    assert str(raised.value) == (
+        f"The disk holding {tmp_path} is full (the export needs about {size / 1000:.1f} kB, "
+        f"{free} free); free that much space there and export again (the previous export in "
+        f"{export_dir} is kept).")
+    assert 1e3 < size < 1e6  # kilobytes, to one decimal
+    assert export.is_complete(export_dir, "old") and _siblings(export_dir) == []
+    np.testing.assert_array_equal(_served_probabilities(export_dir, images), before)
+
+
+def test_a_full_disk_at_the_first_export_estimates_from_the_weights(tmp_path, monkeypatch):
+    export_dir = str(tmp_path / "export")
+    cohort = _cohort()
+    # TensorFlow's writers report ENOSPC as ResourceExhaustedError with the system's text.
+    full = tf.errors.ResourceExhaustedError(
+        None, None, f"{export_dir}.tmp-1/peer1/variables/variables_temp/part-00000-of-00001"
+                    ".data-00000-of-00001.tempstate1; No space left on device [Op:SaveV2]")
+    monkeypatch.setattr(tf.saved_model, "save", lambda *a, **k: (_ for _ in ()).throw(full))
+    with pytest.raises(UserError) as raised:
+        export.export_cohort(cohort, export_dir)
+    # Each peer's float32 weights twice: in its own SavedModel and in the ensemble's.
+    weights = 2 * 4 * sum(m.count_params() for m in cohort.models)
+    assert f"(the export needs about {weights / 1000:.1f} kB, " in str(raised.value)
+    assert str(raised.value).endswith(f"(nothing was written to {export_dir}).")
+    assert not os.path.exists(export_dir) and _siblings(export_dir) == []
+    # Other failures of the writers are not a full disk: they pass unchanged.
+    oom = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+    monkeypatch.setattr(tf.saved_model, "save", lambda *a, **k: (_ for _ in ()).throw(oom))
+    with pytest.raises(tf.errors.ResourceExhaustedError, match="OOM"):
+        export.export_cohort(cohort, export_dir)
 
 
 def _failing_save(*args, **kwargs):
