@@ -1,33 +1,61 @@
 """How and why DML works (paper Sec. 4.8, 4.9): entropy, flatness, secondary mass, t-SNE.
 
-  python -m dml_tf.analysis --model_dir=runs/dml [--model_dir=runs/independent --out_dir=cmp]
+  python -m dml_tf.analysis --model_dir=runs/dml --compare=runs/independent
 
-For every run (a finished model_dir of an image-classification dataset) and every peer:
-  * the mean posterior entropy on the training set (paper: 1.7099 nats for DML against
-    0.2602 for independent training, ResNet-32 on CIFAR-100);
+Analyses a finished run (a model_dir of an image-classification dataset whose training has
+ended) and, to compare, the runs passed with --compare: e.g. an independent run of the same
+networks beside a DML run. Each figure shows every run, one colour per run. Per peer:
+  * the mean posterior entropy on the training set (paper Sec. 4.8: 1.7099 nats for DML
+    against 0.2602 for independent training, ResNet-32 on CIFAR-100);
   * the training loss after Gaussian noise of std σ is added to every trainable weight, for
     a grid of σ, averaged over draws (paper Fig. 4b: a wider minimum loses less);
   * the mean probability of the classes ranked 1..5 by the posterior (paper Fig. 4c);
   * a t-SNE map of the "features" layer on test images, coloured by label (paper Fig. 5).
 
 The training set is read un-augmented and the networks run in inference mode, as for
-testing. Each run gets `analysis.json` and `analysis_{entropy,noise,top5,tsne}.png` in its
-folder; with several runs, --out_dir receives the plots that overlay them and an
-`analysis.json` of all. The functions below take models and arrays, not flags.
+testing. Each --model_dir run gets `analysis.json` (which checkpoint was analysed, and the
+numbers), `analysis_{entropy,noise,top5,tsne}.png` and their captions,
+`analysis_captions.md`, in its folder (or in --out_dir/<run name>/). A run still training
+is refused unless --allow_unfinished. The functions below take models and arrays, not flags.
+
+Needs the analysis extra (matplotlib, scikit-learn): pip install "dml_tf[analysis]".
 """
+
+import importlib.util
+import sys
+
+
+def _missing_extra():
+    """The sentence for a missing matplotlib or scikit-learn, or None when both are there."""
+    for module, package in (("matplotlib", "matplotlib"), ("sklearn", "scikit-learn")):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ValueError:  # in sys.modules as None: deliberately hidden
+            found = False
+        if not found:
+            return (f"dml_tf.analysis needs the analysis extra ({package} is not installed): "
+                    'pip install "dml_tf[analysis]"')
+    return None
+
+
+if _missing_extra():
+    if __name__ == "__main__":
+        print(f"error: {_missing_extra()}", file=sys.stderr)
+        sys.exit(2)
+    raise ImportError(_missing_extra())
 
 if __name__ == "__main__":  # Before TensorFlow's import: silence its C++ start-up lines.
     from dml_tf import quiet_start
     quiet_start.quiet()
 
 import os
-import sys
+import tempfile
 import weakref
 
 import numpy as np
 import tensorflow as tf
 
-from dml_tf import paper_numbers, run_dir, train_lib
+from dml_tf import checkpoints, paper_numbers, run_dir, train_lib
 from dml_tf.report import Progress
 from dml_tf.data import pipeline
 from dml_tf.errors import UserError
@@ -35,6 +63,7 @@ from dml_tf.errors import UserError
 DEFAULT_SIGMAS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)
 TOP_K = 5
 JSON_NAME = "analysis.json"
+CAPTIONS_NAME = "analysis_captions.md"
 # Classes coloured and named in the t-SNE (more would be unreadable): tab20 without its two
 # greys, which would be mistaken for the grey of the classes left out.
 MAX_TSNE_LEGEND = 18
@@ -237,9 +266,15 @@ def tsne_embedding(features, seed=0, perplexity=30.0):
 
 # Plots (matplotlib's Figure without pyplot: no global backend or GUI involved). Each
 # plot_* function writes its PNG to `path` and returns the Figure, for a caller to inspect.
+# One colour per run, the same in every figure; a run's peers differ by hatch or line style.
+# Titles say what is drawn; where the paper shows the same (Sec. 4.8, Fig. 4b, 4c, 5) is the
+# caption file's business (`captions`), not the figure's.
 
 PLURALS = {"class": "classes", "identity": "identities"}
-RUN_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # line and marker per run
+PEER_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # line and marker per peer
+PEER_HATCHES = ("", "//", "..", "xx", "\\\\", "++")
+# Headroom above the tallest bar, for its value label.
+BAR_HEADROOM = 1.18
 
 
 def _figure(width=7.0, height=4.5):
@@ -247,19 +282,29 @@ def _figure(width=7.0, height=4.5):
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def run_label(result):
+    """A run's name in legends: with its checkpoint when the run was not finished."""
+    checkpoint = result.get("checkpoint") or {}
+    if checkpoint and not checkpoint.get("finished", True):
+        return f"{result['run']} (unfinished, {checkpoint['name']})"
+    return result["run"]
+
+
 def _series(runs):
-    """(run index, run result, peer name, legend label, peer dict) for every run and peer.
-
-    The series' order is its colour: one colour per run and peer, the same in every plot.
-    """
+    """(run index, peer index, run result, peer name, legend label, peer dict) of every peer."""
     for i, result in enumerate(runs.values()):
-        for peer, values in result["peers"].items():
-            yield i, result, peer, f"{result['run']} · {peer} ({values['net']})", values
+        for j, (peer, values) in enumerate(result["peers"].items()):
+            yield i, j, result, peer, f"{run_label(result)} · {peer} ({values['net']})", values
 
 
-def _colour(i):
+def _colour(run):
     from matplotlib import colormaps
-    return colormaps["tab10"](i % 10)
+    return colormaps["tab10"](run % 10)
+
+
+def _legend_below(fig, runs):
+    """The legend under the axes, where it covers no data: a column per run (filled first)."""
+    fig.legend(fontsize=8, loc="outside lower center", ncols=max(1, min(len(runs), 4)))
 
 
 def paper_entropy(result, net):
@@ -272,98 +317,128 @@ def paper_entropy(result, net):
 
 
 def plot_entropy(runs, path):
-    """Bar per run and peer of the mean training-set posterior entropy (paper Sec. 4.8).
+    """Bar per run and peer of the mean training-set posterior entropy, bars grouped by run.
 
-    Bars are grouped by run. A dotted line marks log M, the entropy of a uniform posterior.
-    A run on the paper's dataset also gets the paper's number, a dashed mark on its bars and
-    in the title; other runs get none.
+    The y-axis fits the bars (and the paper's values, drawn as dashed marks on the bars of a
+    run on the paper's dataset). log M, the entropy of a uniform posterior, is a dotted line
+    where it lies within that range and a note in the corner otherwise.
     """
     series = list(_series(runs))
-    fig = _figure(max(6.0, 0.9 * len(series) + 4.0), 4.5)
+    fig = _figure(max(6.0, 0.9 * len(series) + 3.0), 4.8)
     ax = fig.subplots()
     where = [i + 0.5 * run for i, (run, *_) in enumerate(series)]  # a gap between runs
-    quoted, marked = {}, set()
-    for i, (x, (_, result, peer, label, values)) in enumerate(zip(where, series)):
-        bars = ax.bar(x, values["entropy"], color=_colour(i), label=label)
+    tops, marked = [], False
+    for x, (run, peer_index, result, _, label, values) in zip(where, series):
+        bars = ax.bar(x, values["entropy"], color=_colour(run), label=label, edgecolor="white",
+                      hatch=PEER_HATCHES[peer_index % len(PEER_HATCHES)])
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
-        if "num_classes" in result:
-            ax.hlines(np.log(result["num_classes"]), x - 0.45, x + 0.45, colors="0.5",
-                      linestyles=":", label=None if "uniform" in marked else
-                      "uniform posterior, log M")
-            marked.add("uniform")
+        tops.append(values["entropy"])
         paper = paper_entropy(result, values["net"])
         if paper is not None:
             ax.hlines(paper, x - 0.4, x + 0.4, colors="black", linestyles="--", linewidth=1.5,
-                      label=None if "paper" in marked else "paper, Sec. 4.8")
-            marked.add("paper")
-            quoted.setdefault((values["net"], result["dataset"]), {})[result["method"]] = paper
-    ax.set_xticks(where, [peer for _, _, peer, _, _ in series], fontsize=8)
-    names = list(runs)
+                      label=None if marked else "paper's value")
+            marked = True
+            tops.append(paper)
+    top = max([t for t in tops if np.isfinite(t)] or [1.0]) * BAR_HEADROOM
+    _mark_uniform(ax, runs, where, series, top)
+    ax.set_ylim(0.0, top)
+    ax.set_xticks(where, [f"{peer}\n{values['net']}" for *_, peer, _, values in series],
+                  fontsize=8)
     centres = [np.mean([x for x, (run, *_) in zip(where, series) if run == r])
-               for r in range(len(names))]
+               for r in range(len(runs))]
     run_axis = ax.secondary_xaxis("bottom")
-    run_axis.set_xticks(centres, [f"\n{n}" for n in names], fontsize=9)
+    run_axis.set_xticks(centres, [f"\n\n{run_label(r)}" for r in runs.values()], fontsize=9)
     run_axis.tick_params(length=0)
-    ax.set_ylabel("nats")
-    title = "Mean posterior entropy on the training set"
-    for (net, dataset), by_method in quoted.items():
-        title += (f"\npaper, Sec. 4.8 ({net} on {dataset}): "
-                  + ", ".join(f"{m} {v:.4f}" for m, v in by_method.items()))
-    ax.set_title(title, fontsize=10)
-    fig.legend(fontsize=8, loc="outside right upper")
+    ax.set_ylabel("mean entropy (nats)")
+    ax.set_title("Posterior entropy on the training set", fontsize=10)
+    _legend_below(fig, runs)
     fig.savefig(path, dpi=150)
     return fig
 
 
+def _mark_uniform(ax, runs, where, series, top):
+    """log M per run: a dotted line over its bars within the axis, else a note in a corner."""
+    beyond = set()
+    for x, (run, _, result, *_) in zip(where, series):
+        if "num_classes" not in result:
+            continue
+        uniform = float(np.log(result["num_classes"]))
+        if uniform <= top:
+            ax.hlines(uniform, x - 0.45, x + 0.45, colors="0.5", linestyles=":")
+        else:
+            beyond.add(result["num_classes"])
+    if beyond:
+        ax.text(0.99, 0.98, "uniform posterior: " + ", ".join(
+            f"log {m} = {np.log(m):.2f}" for m in sorted(beyond)) + " nats (off the axis)",
+            transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.35")
+
+
 def plot_noise(runs, path):
-    """Training loss against the weight-noise std σ, one line per run and peer (paper Fig. 4b).
+    """Training loss against the weight-noise std σ, one line per run and peer.
 
     Left the loss itself, right its increase over the noise-free loss (the width of the
-    minimum, what Fig. 4b compares). The σ axis is linear up to the smallest σ > 0 and
-    logarithmic above (symlog), so σ = 0 and the small-noise range are both visible.
+    minimum). The σ axis is linear up to the smallest σ > 0 and logarithmic above (symlog),
+    so σ = 0 and the small-noise range are both visible; a σ label that would touch its
+    neighbour is left out (its tick stays).
     """
-    fig = _figure(10.0, 4.2)
+    fig = _figure(10.0, 4.6)
     loss_ax, rise_ax = fig.subplots(1, 2, sharex=True)
     sigmas = sorted({s for r in runs.values() for s in r["noise"]["sigmas"]})
-    for i, (run, result, _, label, values) in enumerate(_series(runs)):
+    for run, peer_index, result, _, label, values in _series(runs):
         x, loss = result["noise"]["sigmas"], np.asarray(values["noise_loss"])
-        line, marker = RUN_STYLES[run % len(RUN_STYLES)]
-        style = dict(color=_colour(i), linestyle=line, marker=marker, markersize=4, capsize=2)
+        line, marker = PEER_STYLES[peer_index % len(PEER_STYLES)]
+        style = dict(color=_colour(run), linestyle=line, marker=marker, markersize=4, capsize=2)
         loss_ax.errorbar(x, loss, yerr=values["noise_loss_std"], label=label, **style)
         clean = loss[x.index(0.0)] if 0.0 in x else np.nan
         rise_ax.errorbar(x, loss - clean, yerr=values["noise_loss_std"], **style)
     positive = [s for s in sigmas if s > 0]
     for ax in (loss_ax, rise_ax):
         if positive:
-            ax.set_xscale("symlog", linthresh=min(positive), linscale=0.5)
+            ax.set_xscale("symlog", linthresh=min(positive), linscale=0.6)
             ax.set_xlim(-0.2 * min(positive), max(positive) * 1.3)
-        ax.set_xticks(sigmas, [f"{s:g}" for s in sigmas], fontsize=8, rotation=45)
+        ax.set_xticks(sigmas, [f"{s:g}" for s in sigmas], fontsize=8)
         ax.set_xlabel("σ of the Gaussian noise added to every weight")
         ax.grid(alpha=0.3)
     loss_ax.set_ylabel("training cross-entropy")
     rise_ax.set_ylabel("increase over σ = 0")
-    fig.suptitle("Loss given parameter noise (paper Fig. 4b: a wider minimum rises less)",
-                 fontsize=10)
-    loss_ax.legend(fontsize=8)
+    fig.suptitle("Training loss under Gaussian noise on the weights", fontsize=10)
+    _legend_below(fig, runs)
+    _drop_touching_labels(fig, (loss_ax, rise_ax))
     fig.savefig(path, dpi=150)
     return fig
 
 
+def _drop_touching_labels(fig, axes, gap=4.0):
+    """Hides every x tick label closer than `gap` pixels to the last one kept, left to right.
+
+    The figure is laid out first (without rendering), so the measured extents are those the
+    saved PNG shows.
+    """
+    fig.draw_without_rendering()
+    for ax in axes:
+        kept = None
+        for label in sorted(ax.get_xticklabels(), key=lambda t: t.get_window_extent().x0):
+            box = label.get_window_extent()
+            if kept is not None and box.x0 < kept.x1 + gap:
+                label.set_visible(False)
+            else:
+                kept = box
+
+
 def plot_top5(runs, path):
-    """Mean probability of the top-5 ranked classes, a bar group per rank (paper Fig. 4c).
+    """Mean probability of the top-5 ranked classes, a bar group per rank.
 
     Logarithmic axis: the secondary classes hold 1–10% of the mass, the first ~90%.
     """
-    fig = _figure()
+    fig = _figure(7.0, 4.8)
     ax = fig.subplots()
     series = list(_series(runs))
     width = 0.8 / max(1, len(series))
-    hatches = ("", "//", "..", "xx")
-    for i, (run, _, _, label, values) in enumerate(series):
+    for i, (run, peer_index, _, _, label, values) in enumerate(series):
         mass = values["top5_mass"]
         ax.bar(np.arange(1, len(mass) + 1) - 0.4 + (i + 0.5) * width, mass, width,
-               color=_colour(i), hatch=hatches[run % len(hatches)], edgecolor="white",
-               label=label)
+               color=_colour(run), hatch=PEER_HATCHES[peer_index % len(PEER_HATCHES)],
+               edgecolor="white", label=label)
     from matplotlib import ticker
     ax.set_yscale("log")
     # Plain numbers at 1, 2, 5 × 10^n: a reader compares 0.05 with 0.01, not exponents.
@@ -374,8 +449,8 @@ def plot_top5(runs, path):
     ax.set_xticks(range(1, max(len(v["top5_mass"]) for *_, v in series) + 1))
     ax.set_xlabel("class rank by posterior probability")
     ax.set_ylabel("mean probability on the training set")
-    ax.set_title("Posterior certainty (paper Fig. 4c)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title("Posterior mass of the top-ranked classes", fontsize=10)
+    _legend_below(fig, runs)
     fig.savefig(path, dpi=150)
     return fig
 
@@ -491,13 +566,67 @@ def analyze_cohort(models, data, *, peer_names=None, sigmas=DEFAULT_SIGMAS, draw
     return result
 
 
-def write_run_outputs(result, folder):
-    """Writes one run's four PNGs and analysis.json into `folder`.
+def captions(result, compared=()):
+    """The figures' captions (markdown): what each shows, on what, and the paper's counterpart.
+
+    Args:
+      result: the run's analysis (as written to analysis.json).
+      compared: the results of the runs drawn beside it.
+
+    Returns:
+      The text of analysis_captions.md.
+    """
+    runs = [result, *compared]
+    noise = result["noise"]
+    names = ", ".join(f"{run_label(r)} ({_checkpoint_words(r)})" for r in runs)
+    paper = sorted({(r["dataset"], v["net"], r["method"], paper_entropy(r, v["net"]))
+                    for r in runs for v in r["peers"].values()
+                    if paper_entropy(r, v["net"]) is not None})
+    quoted = "".join(f" The dashed marks are the paper's value for {net} on {dataset} with "
+                     f"{method}, {value:.4f} nats (Sec. 4.8)." for dataset, net, method, value in paper)
+    lines = [
+        f"# Analysis of {run_label(result)}",
+        "",
+        f"Runs: {names}. One colour per run; a run's peers differ by hatch or line style. "
+        "Networks in inference mode on un-augmented images.",
+        "",
+        f"- `{PLOT_NAMES['entropy']}`: mean posterior entropy −Σ p log p (nats) of each peer on "
+        f"{result['train_examples']} training images; dotted: log M, a uniform posterior. "
+        f"Paper: Sec. 4.8 (ResNet-32 on CIFAR-100: DML 1.7099, independent 0.2602).{quoted}",
+        f"- `{PLOT_NAMES['noise']}`: training cross-entropy on {noise['examples']} training "
+        f"images after Gaussian noise of std σ is added to every trainable weight, mean ± std "
+        f"over {noise['draws']} draws (seed {noise['seed']}); right, the increase over σ = 0: "
+        "a wider minimum rises less. Paper: Fig. 4(b).",
+        f"- `{PLOT_NAMES['top5']}`: mean probability of the classes ranked 1 to 5 by each "
+        "training image's posterior (log scale). Paper: Fig. 4(c).",
+    ]
+    if "tsne" in result:
+        lines.append(f"- `{PLOT_NAMES['tsne']}`: 2-d t-SNE of the \"features\" layer on "
+                     f"{result['tsne']['examples']} test images of {run_label(result)}, coloured "
+                     "by label. Paper: Fig. 5.")
+    return "\n".join(lines) + "\n"
+
+
+def _checkpoint_words(result):
+    checkpoint = result.get("checkpoint")
+    if not checkpoint:
+        return "checkpoint not recorded"
+    return describe_position(checkpoint) + ("" if checkpoint["finished"] else ", unfinished run")
+
+
+def write_run_outputs(result, folder, compared=()):
+    """Writes one run's figures, captions and analysis.json into `folder`.
+
+    Args:
+      result: the run's analysis (`analyze_cohort` plus "run", "checkpoint", ...).
+      folder: where the files go (the run's folder, or one under --out_dir).
+      compared: results of other runs, drawn beside this one in the entropy, noise and top-5
+        figures (one colour per run); their numbers are not written here.
 
     Returns:
       The written files' paths, the JSON last.
     """
-    runs = {result["run"]: result}
+    runs = {r["run"]: r for r in (result, *compared)}
     written = []
     for key, plot in (("entropy", plot_entropy), ("noise", plot_noise), ("top5", plot_top5)):
         written.append(os.path.join(folder, PLOT_NAMES[key]))
@@ -507,30 +636,17 @@ def write_run_outputs(result, folder):
         tsne = result["tsne"]
         written.append(os.path.join(folder, PLOT_NAMES["tsne"]))
         plot_tsne({p: np.asarray(v) for p, v in tsne["points"].items()}, tsne["labels"],
-                  written[-1], f"{result['run']}: t-SNE of the test features",
+                  written[-1], f"{run_label(result)}: t-SNE of the test features",
                   label_name="identity" if result.get("dataset") == "market1501" else "class",
                   of_classes=tsne.get("test_classes"))
         result["plots"]["tsne"] = PLOT_NAMES["tsne"]
+    result["compared_with"] = [{"run": r["run"], "model_dir": r.get("model_dir")} for r in compared]
+    written.append(os.path.join(folder, CAPTIONS_NAME))
+    with open(written[-1], "w") as f:
+        f.write(captions(result, compared))
+    result["captions"] = CAPTIONS_NAME
     written.append(os.path.join(folder, JSON_NAME))
     run_dir.write_json_atomically(written[-1], result)
-    return written
-
-
-def write_overlays(results, out_dir):
-    """The entropy, noise and top-5 plots of several runs overlaid, and their JSON, in out_dir.
-
-    Returns:
-      The written files' paths, the JSON last.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    runs = {r["run"]: r for r in results}
-    written = []
-    for key, plot in (("entropy", plot_entropy), ("noise", plot_noise), ("top5", plot_top5)):
-        written.append(os.path.join(out_dir, PLOT_NAMES[key]))
-        plot(runs, written[-1])
-    summary = {name: {k: v for k, v in r.items() if k != "tsne"} for name, r in runs.items()}
-    written.append(os.path.join(out_dir, JSON_NAME))
-    run_dir.write_json_atomically(written[-1], summary)
     return written
 
 
@@ -541,45 +657,173 @@ def run_names(model_dirs):
             if names.count(n) > 1 else n for d, n in zip(model_dirs, names)]
 
 
-def analyze_runs(model_dirs, out_dir=None, progress=None, **options):
-    """Analyses every run (results in its folder), then overlays them in out_dir.
+# Which checkpoint is analysed, and whether it is the final one.
+
+def describe_position(checkpoint):
+    """'ckpt-220, after epoch 5' or 'ckpt-40, epoch 3 at step 7' (a mid-epoch checkpoint)."""
+    if checkpoint["step_in_epoch"] == 0 and checkpoint["closed"]:
+        return f"{checkpoint['name']}, after epoch {checkpoint['epoch']}"
+    where = f"{checkpoint['name']}, epoch {checkpoint['epoch'] + 1} at step {checkpoint['step_in_epoch']}"
+    return where + ("" if checkpoint["closed"] else " (not yet evaluated)")
+
+
+def is_final_position(config, checkpoint):
+    """Whether a checkpoint position is where the run's training ends (its last save).
+
+    The training loop saves its last checkpoint after writing results.json, at the end of the
+    last epoch: epoch == --epochs at step 0, or, with a --train_steps budget, the global step
+    (the checkpoint's number) at the budget.
+    """
+    if not checkpoint["closed"]:
+        return False
+    if config.train_steps:
+        return checkpoint["step"] is not None and checkpoint["step"] >= config.train_steps
+    return checkpoint["epoch"] >= config.epochs and checkpoint["step_in_epoch"] == 0
+
+
+def checkpoint_state(model_dir, config, prefix):
+    """`checkpoints.position(prefix)` with "finished": the final checkpoint of a run whose
+    results.json is written (only then are its numbers the ones results.json reports)."""
+    state = checkpoints.position(prefix)
+    state["finished"] = bool(is_final_position(config, state)
+                             and os.path.isfile(os.path.join(model_dir, "results.json")))
+    return state
+
+
+def _restored_prefix(model_dir, cohort):
+    """The checkpoint restore_cohort loaded: the one named after the optimisers' restored step
+    (the newest intact one, which is not the newest on disk when that one is damaged)."""
+    directory = os.path.join(model_dir, "checkpoints")
+    step = int(cohort.optimizers[0].iterations.numpy())
+    for prefix in checkpoints.prefixes(directory):
+        if checkpoints.number(prefix) == step:
+            return prefix
+    raise RuntimeError(f"{directory} holds no ckpt-{step}, the checkpoint its cohort was "
+                       "restored from; the run's checkpoints changed during the analysis.")
+
+
+def check_finished(model_dir, config, state, allow_unfinished, flag, say):
+    """Refuses (or, with allow_unfinished, announces) the analysis of an unfinished run.
+
+    Raises:
+      UserError: the run is not finished and allow_unfinished is False.
+    """
+    if state["finished"]:
+        return
+    where = describe_position(state)
+    if is_final_position(config, state):
+        reason = "its results.json is missing (the training command writes it when run again)"
+    else:
+        reason = "it is still training or was stopped before its last epoch"
+        if os.path.isfile(os.path.join(model_dir, "results.json")):
+            reason += " (its results.json is from an earlier, shorter training)"
+    if not allow_unfinished:
+        raise UserError(
+            f"{flag}={model_dir} has not finished training: its checkpoint is {where}, and "
+            f"{reason}; analyse it once it has finished, or pass --allow_unfinished to analyse "
+            "this checkpoint anyway.")
+    say(f"warning: {model_dir} has not finished training ({reason}); analysing {where} as "
+        "--allow_unfinished asks, and analysis.json and the figures say so")
+
+
+def _output_folder(model_dir, name, out_dir):
+    return os.path.join(out_dir, name) if out_dir else model_dir
+
+
+def check_writable(folder, what):
+    """Refuses, before any computation, an output folder that cannot be written.
+
+    Creates the folder (an --out_dir's) and a file in it, which is removed.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".analysis-write-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{folder} cannot be written ({e.strerror or e}), and {what}: make it "
+                        "writable, or pass --out_dir=DIR to write the analysis there.") from None
+
+
+# One run, several runs.
+
+def _analyse_run(model_dir, name, flag, allow_unfinished, tsne, say, options):
+    """Restores one run, checks which checkpoint it is, and analyses it (a result dict)."""
+    say(f"restoring {model_dir}")
+    config = train_lib.load_config(model_dir)
+    newest = checkpoints.prefixes(os.path.join(model_dir, "checkpoints"))
+    if newest:  # Before the restore and the data load: an unfinished run is refused at once.
+        try:
+            state = checkpoint_state(model_dir, config, newest[0])
+        except Exception:  # noqa: BLE001 (a damaged newest checkpoint: the restore decides)
+            state = None
+        if state is not None:
+            check_finished(model_dir, config, state, allow_unfinished, flag,
+                           lambda message: None)
+    config, cohort, data = train_lib.restore_cohort(model_dir)
+    if data is None:
+        raise UserError(f"{flag}={model_dir} is a {config.dataset} run; the analysis "
+                        "reads in-memory images (cifar10, cifar100, digits, npz, market1501).")
+    state = checkpoint_state(model_dir, config, _restored_prefix(model_dir, cohort))
+    check_finished(model_dir, config, state, allow_unfinished, flag, say)
+    say(f"analysing {describe_position(state)}")
+    result = {"run": name, "model_dir": os.path.abspath(model_dir), "dataset": config.dataset,
+              "method": config.method, "nets": list(config.nets), "checkpoint": state}
+    result.update(analyze_cohort(cohort.models, data, peer_names=config.nets, progress=say,
+                                 **(options if tsne else {**options, "tsne_samples": 0})))
+    for peer, values in result["peers"].items():
+        say(f"{peer}: entropy {values['entropy']:.4f}, train CE {values['train_ce']:.4f},"
+            f" top-5 mass {', '.join(f'{v:.3f}' for v in values['top5_mass'])}")
+    return result
+
+
+def analyze_runs(model_dirs, out_dir=None, progress=None, *, compare=(), allow_unfinished=False,
+                 **options):
+    """Analyses every run, and writes each one's figures (beside the others) and analysis.json.
+
+    Every figure shows all the runs, `model_dirs` and `compare` alike, one colour per run:
+    e.g. a DML run with an independent run of the same networks in `compare`.
 
     Args:
-      model_dirs: finished runs' folders (flags.json, checkpoints/).
-      out_dir: where the plots overlaying several runs go; required with more than one run.
+      model_dirs: finished runs' folders (flags.json, checkpoints/, results.json); each gets
+        analysis.json, analysis_captions.md and the figures.
+      out_dir: where those go instead of the runs' folders (`out_dir/<run name>/`), e.g. for
+        runs that cannot be written.
       progress: called with a line per run and stage, then the written files' paths
         (e.g. `Progress()`, as the command line does); None: silent.
+      compare: finished runs' folders drawn beside (analysed the same way, nothing written
+        into them).
+      allow_unfinished: analyse a run's newest checkpoint although the run has not finished
+        (analysis.json and the figures say so); otherwise such a run is refused.
       **options: `analyze_cohort` keyword arguments.
 
     Returns:
-      The list of per-run result dicts.
+      The list of result dicts, `model_dirs`' then `compare`'s.
+
+    Raises:
+      UserError: no run, an output folder that cannot be written, a run that has not
+        finished (without allow_unfinished), a run that cannot be analysed.
     """
     if not model_dirs:
         raise UserError("Pass at least one --model_dir (a finished run's folder).")
-    if len(model_dirs) > 1 and not out_dir:
-        raise UserError("With several --model_dir, pass --out_dir for the plots that overlay them.")
     say = progress or (lambda message: None)
-    results, written = [], []
-    for i, (model_dir, name) in enumerate(zip(model_dirs, run_names(model_dirs)), start=1):
-        run_say = lambda message, head=f"run {i}/{len(model_dirs)} {name}": say(f"{head}: {message}")
-        run_say(f"restoring {model_dir}")
-        config, cohort, data = train_lib.restore_cohort(model_dir)
-        if data is None:
-            raise UserError(f"--model_dir={model_dir} is a {config.dataset} run; the analysis "
-                            "reads in-memory images (cifar10, cifar100, digits, npz, market1501).")
-        result = {"run": name, "model_dir": os.path.abspath(model_dir),
-                  "dataset": config.dataset, "method": config.method, "nets": list(config.nets)}
-        result.update(analyze_cohort(cohort.models, data, peer_names=config.nets,
-                                     progress=run_say, **options))
-        for peer, values in result["peers"].items():
-            run_say(f"{peer}: entropy {values['entropy']:.4f}, train CE {values['train_ce']:.4f},"
-                    f" top-5 mass {', '.join(f'{v:.3f}' for v in values['top5_mass'])}")
-        run_say("plots")
-        written += write_run_outputs(result, model_dir)
-        results.append(result)
-    if out_dir:
-        say(f"overlays of {len(results)} runs")
-        written += write_overlays(results, out_dir)
+    dirs = [*model_dirs, *compare]
+    names = run_names(dirs)
+    flags = ["--model_dir"] * len(model_dirs) + ["--compare"] * len(compare)
+    outputs = [_output_folder(d, n, out_dir) for d, n in zip(model_dirs, names)]
+    for folder in outputs:  # Before any computation: it is lost if nothing can be written.
+        check_writable(folder, "analysis.json and the figures go there")
+    results = []
+    for i, (model_dir, name, flag) in enumerate(zip(dirs, names, flags), start=1):
+        head = f"run {i}/{len(dirs)} {name}"
+        results.append(_analyse_run(model_dir, name, flag, allow_unfinished,
+                                    tsne=i <= len(model_dirs),
+                                    say=lambda message, head=head: say(f"{head}: {message}"),
+                                    options=options))
+    written = []
+    for i, folder in enumerate(outputs):
+        say(f"figures of {names[i]}" + (f" beside {', '.join(names[:i] + names[i + 1:])}"
+                                        if len(dirs) > 1 else ""))
+        written += write_run_outputs(results[i], folder, results[:i] + results[i + 1:])
     say("wrote:")
     for path in written:
         say(f"  {path}")
@@ -588,12 +832,21 @@ def analyze_runs(model_dirs, out_dir=None, progress=None, **options):
 
 def _define_flags(flag_values):
     from absl import flags
-    flags.DEFINE_multi_string("model_dir", [], "A finished run's folder; repeat to overlay runs.",
-                              flag_values=flag_values)
-    flags.DEFINE_string("out_dir", None, "Folder for the plots overlaying several runs and their "
-                        "analysis.json (each run's own go to its folder).", flag_values=flag_values)
+    flags.DEFINE_multi_string("model_dir", [], "A finished run's folder: analysed, and its "
+                              "analysis.json and figures written into it. Repeat for several "
+                              "runs (each one's figures show the others).", flag_values=flag_values)
+    flags.DEFINE_list("compare", [], "Finished runs to draw beside the --model_dir runs, "
+                      "comma-separated, e.g. the independent run of the same networks beside "
+                      "a DML run; analysed the same way, nothing written into them.",
+                      flag_values=flag_values)
+    flags.DEFINE_string("out_dir", None, "Write each --model_dir run's analysis to "
+                        "OUT_DIR/<run name>/ instead of its own folder (e.g. a run you cannot "
+                        "write).", flag_values=flag_values)
+    flags.DEFINE_bool("allow_unfinished", False, "Analyse a run that has not finished training "
+                      "(its newest checkpoint); analysis.json and the figures say so.",
+                      flag_values=flag_values)
     flags.DEFINE_list("sigmas", [str(s) for s in DEFAULT_SIGMAS],
-                      "Std of the Gaussian weight noise, comma-separated (paper Fig. 4b).",
+                      "Std of the Gaussian weight noise, comma-separated.",
                       flag_values=flag_values)
     flags.DEFINE_integer("draws", 3, "Noise draws averaged per σ.", flag_values=flag_values)
     flags.DEFINE_integer("train_samples", 0, "Training examples for entropy and top-5 mass "
@@ -625,11 +878,13 @@ def main(argv=None):
             sigmas = [float(s) for s in flag_values.sigmas]
         except ValueError:
             raise UserError(f"--sigmas={','.join(flag_values.sigmas)} is not a list of numbers.") from None
-        analyze_runs(flag_values.model_dir, flag_values.out_dir, sigmas=sigmas,
-                     draws=flag_values.draws, train_samples=flag_values.train_samples,
+        analyze_runs(flag_values.model_dir, flag_values.out_dir, Progress(),
+                     compare=flag_values.compare, allow_unfinished=flag_values.allow_unfinished,
+                     sigmas=sigmas, draws=flag_values.draws,
+                     train_samples=flag_values.train_samples,
                      noise_samples=flag_values.noise_samples,
                      tsne_samples=flag_values.tsne_samples, seed=flag_values.seed,
-                     batch_size=flag_values.batch_size, progress=Progress())
+                     batch_size=flag_values.batch_size)
     except (UserError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
