@@ -121,7 +121,8 @@ def run(make_config, argv, sources=None):
         if "print_config" in flags.FLAGS and flags.FLAGS.print_config:
             print(describe(config, flags.FLAGS, sources or {}, os.path.basename(argv[0])))
             sys.exit(0)
-        run_dir.check(config)  # the model_dir's state (a file, locked, another run's, ...), kd's teacher
+        # The model_dir's state (a file, locked, another run's, ...) and kd's teacher run.
+        run_dir.check(config)
         # Only now TensorFlow, for the checks that need the method's and networks' modules.
         quiet_start.quiet()
         config_lib.check_against_library(config)

@@ -155,7 +155,8 @@ class Config:
     dataset: str = _setting(
         "cifar100", {"run_cifar.py": "cifar10 / cifar100 (paper Table 2), digits (scikit-learn's "
                      "bundled 8x8 digits upsampled to 32x32: offline, for the quickstart) or npz "
-                     "(uint8 x_train/x_test and y_train/y_test arrays in the .npz file --data_dir)."},
+                     "(uint8 x_train/x_test and y_train/y_test arrays in the .npz file "
+                     "--data_dir)."},
         DATA, choices=choices.CIFAR_DATASETS)
     data_dir: str | None = _setting(None, {
         "run_cifar.py": "An extracted cifar-10-batches-bin or cifar-100-binary folder (the "
@@ -343,10 +344,10 @@ _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFI
            str: flags.DEFINE_string, tuple: flags.DEFINE_string}
 
 
-def _value_type(field):
-    """int for `int | None`, and so on: the type a field's flag parses to."""
-    (value_type,) = (t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
-    return value_type
+def value_type(field):
+    """int for `int | None`, and so on: the type of a Config field's values (None aside)."""
+    (single,) = (t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
+    return single
 
 
 def flag_default(name):
@@ -375,8 +376,8 @@ def define_flags(flag_values, script, defaults=None):
             flags.DEFINE_enum(field.name, flag_default(field.name), list(setting.choices), text,
                               flag_values=flag_values)
         else:
-            _DEFINE[_value_type(field)](field.name, flag_default(field.name), text,
-                                        flag_values=flag_values)
+            _DEFINE[value_type(field)](field.name, flag_default(field.name), text,
+                                       flag_values=flag_values)
     for name, value in (defaults or {}).items():
         flag_values.set_default(name, value)
 

@@ -97,7 +97,7 @@ def check_teacher(config):
     k = config.teacher_peer
     if not isinstance(teacher_nets, list) or not teacher_nets:
         raise UserError(f"--teacher_checkpoint={path}: its run's flags.json names no --nets; "
-                        "point it at a run that run_cifar.py, run_market.py or run_imagenet.py wrote.")
+                        "point it at a run that a run script (run_cifar.py, ...) wrote.")
     if k > len(teacher_nets):
         raise UserError(f"--teacher_peer={k} is beyond the {len(teacher_nets)} peers of the "
                         f"teacher run {path} ({', '.join(map(str, teacher_nets))}); pass a "

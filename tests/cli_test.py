@@ -203,7 +203,7 @@ def _teacher_run(folder, nets=("tiny", "tiny"), dataset="digits"):
 
 
 @pytest.mark.parametrize("args, words", [
-    ([], "--method=kd distils from a fixed teacher: pass --teacher_checkpoint at the teacher run's"),
+    ([], "--method=kd distils from a fixed teacher: pass --teacher_checkpoint at the teacher"),
     (["--teacher_checkpoint={tmp}/nowhere"], "nowhere does not exist"),
     (["--teacher_checkpoint={tmp}"], "holds no flags.json"),
     (["--teacher_checkpoint={tmp}/teacher", "--teacher_peer=3"],

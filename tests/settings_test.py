@@ -37,7 +37,8 @@ RANGES = [
     ("warmup_epochs", -0.5, 0.0, "0 or positive"),
     ("intra_op_threads", -1, 0, r"0 \(TensorFlow's choice\) or positive"),
     ("inter_op_threads", -1, 0, r"0 \(TensorFlow's choice\) or positive"),
-    ("labelled_fraction", 0.0, 1.0, r"in \(0, 1\]"), ("labelled_fraction", 1.01, 0.01, r"in \(0, 1\]"),
+    ("labelled_fraction", 0.0, 1.0, r"in \(0, 1\]"),
+    ("labelled_fraction", 1.01, 0.01, r"in \(0, 1\]"),
     ("val_fraction", 1.0, 0.99, r"in \(0, 1\)"), ("val_fraction", 0.0, 0.01, r"in \(0, 1\)"),
 ]
 
@@ -101,7 +102,7 @@ def test_each_flag_parses_to_its_fields_type(script):
     cfg = SCRIPTS[script].make_config(flag_values)
     for field in dataclasses.fields(config.Config):
         value = getattr(cfg, field.name)
-        assert value is None or isinstance(value, config._value_type(field)), field.name
+        assert value is None or isinstance(value, config.value_type(field)), field.name
 
 
 def test_script_defaults_override_the_table():
