@@ -56,7 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from dml_tf import checkpoints, paper_numbers, run_dir, train_lib
-from dml_tf.report import Progress
+from dml_tf.report import Progress, describe_position
 from dml_tf.data import pipeline
 from dml_tf.errors import UserError
 
@@ -658,14 +658,6 @@ def run_names(model_dirs):
 
 
 # Which checkpoint is analysed, and whether it is the final one.
-
-def describe_position(checkpoint):
-    """'ckpt-220, after epoch 5' or 'ckpt-40, epoch 3 at step 7' (a mid-epoch checkpoint)."""
-    if checkpoint["step_in_epoch"] == 0 and checkpoint["closed"]:
-        return f"{checkpoint['name']}, after epoch {checkpoint['epoch']}"
-    where = f"{checkpoint['name']}, epoch {checkpoint['epoch'] + 1} at step {checkpoint['step_in_epoch']}"
-    return where + ("" if checkpoint["closed"] else " (not yet evaluated)")
-
 
 def is_final_position(config, checkpoint):
     """Whether a checkpoint position is where the run's training ends (its last save).

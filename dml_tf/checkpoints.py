@@ -7,6 +7,9 @@ moved to `checkpoints/damaged/` (kept, never deleted), and the newest intact one
 instead. Only when checkpoint files exist but none loads does the run refuse to start: it
 never trains from scratch over a run's checkpoints. A save that finds the disk full (`save`)
 is one sentence with the space it needs, and the checkpoints already written stay.
+
+TensorFlow is imported by the functions that use it: dml_tf.report lists a run's checkpoints
+(`prefixes`) without starting it.
 """
 
 import glob
@@ -15,7 +18,6 @@ import re
 import shutil
 
 import numpy as np
-import tensorflow as tf
 
 from dml_tf import disk
 from dml_tf.errors import UserError
@@ -109,6 +111,7 @@ def _report_damage(damaged, restored, directory, quarantine):
 def _repair_state(directory, restored):
     """Rewrites the state file when it does not name `restored` as the latest checkpoint, so
     that CheckpointManager numbers and prunes the checkpoints actually on disk."""
+    import tensorflow as tf
     try:
         state = tf.train.get_checkpoint_state(directory)
     except Exception:  # noqa: BLE001 (a garbled state file raises parser errors of any kind)
@@ -126,6 +129,7 @@ def _repair_state(directory, restored):
 
 def manager(checkpoint, directory):
     """The run's CheckpointManager (the last MAX_TO_KEEP checkpoints kept)."""
+    import tensorflow as tf
     return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=MAX_TO_KEEP)
 
 
@@ -161,7 +165,8 @@ def save(manager, checkpoint_number):
 
 def _variable_bytes(checkpoint):
     """Bytes of the variables `checkpoint` saves (the size of a first checkpoint, roughly)."""
-    import keras  # Only here: the estimate of a first save walks Keras' variables too.
+    import keras
+    import tensorflow as tf
     seen, total = set(), 0
     for trackable in tf.train.TrackableView(checkpoint).descendants():
         if isinstance(trackable, (tf.Variable, keras.Variable)) and id(trackable) not in seen:
@@ -182,6 +187,7 @@ def position(prefix):
       "step_in_epoch" (steps done into the next epoch) and "closed" (whether the epoch-end
       work, evaluation included, was done for this position).
     """
+    import tensorflow as tf
     reader = tf.train.load_checkpoint(prefix)
 
     def value(name):

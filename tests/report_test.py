@@ -7,7 +7,9 @@ import pytest
 from dml_tf import paper_numbers, report
 
 
-def _write_run(root, name, flags, results=None, analysis=None, plots=()):
+def _write_run(root, name, flags, results=None, analysis=None, plots=(), checkpoints=()):
+    """A run folder; `checkpoints` are the numbers of the checkpoint files it holds (the report
+    reads their names only)."""
     folder = root / name
     folder.mkdir()
     (folder / "flags.json").write_text(json.dumps(flags))
@@ -17,7 +19,22 @@ def _write_run(root, name, flags, results=None, analysis=None, plots=()):
         (folder / "analysis.json").write_text(json.dumps(analysis))
     for plot in plots:
         (folder / plot).write_bytes(b"\x89PNG\r\n\x1a\n")
+    if checkpoints:
+        (folder / "checkpoints").mkdir()
+    for number in checkpoints:
+        for suffix in ("index", "data-00000-of-00001"):
+            (folder / "checkpoints" / f"ckpt-{number}.{suffix}").write_bytes(b"")
     return folder
+
+
+def _analysed(name, epoch=5, step_in_epoch=0, finished=True, entropy=(1.5, 1.8), plots=None):
+    """An analysis.json of checkpoint `name` (as dml_tf.analysis writes it)."""
+    number = int(name.split("-")[1])
+    return {"checkpoint": {"name": name, "step": number, "epoch": epoch,
+                           "step_in_epoch": step_in_epoch, "closed": step_in_epoch == 0,
+                           "finished": finished},
+            "peers": {f"peer{k}": {"entropy": e} for k, e in enumerate(entropy, start=1)},
+            "plots": plots or {}}
 
 
 def _table(markdown):
@@ -73,10 +90,10 @@ def test_cifar_rows_compare_with_table_2(tmp_path, monkeypatch):
     runs = [
         _write_run(tmp_path, "dml_r32", _cifar("dml", ["resnet32", "resnet32"]),
                    {"test/peer1/top1": 0.72, "test/peer2/top1": 0.7, "test/ensemble/top1": 0.7345},
-                   analysis={"peers": {"peer1": {"entropy": 1.5}, "peer2": {"entropy": 1.8}},
-                             "plots": {"noise": "analysis_noise.png", "top5": "analysis_top5.png",
-                                       "tsne": "analysis_tsne.png"}},
-                   plots=["analysis_noise.png", "analysis_top5.png"]),
+                   analysis=_analysed("ckpt-80", plots={"noise": "analysis_noise.png",
+                                                        "top5": "analysis_top5.png",
+                                                        "tsne": "analysis_tsne.png"}),
+                   plots=["analysis_noise.png", "analysis_top5.png"], checkpoints=(40, 80)),
         _write_run(tmp_path, "ind_c10", _cifar("independent", ["resnet32"], dataset="cifar10"),
                    {"test/peer1/top1": 0.9, "test/ensemble/top1": 0.9}),
         _write_run(tmp_path, "digits", _cifar("dml", ["tiny", "tiny"], dataset="digits"),
@@ -174,3 +191,107 @@ def test_subset_runs_can_be_compared_with_a_paper_dataset(tmp_path):
     # Paper Table 2, CIFAR-10 ResNet-32 pair with DML: 92.68 / 92.80; ours 50.00 / 40.00.
     assert "92.68" in compared and "92.80" in compared and "npz subset, vs paper cifar10" in compared
     assert "-42.68" in compared or "−42.68" in compared
+
+
+def _stale_runs(root):
+    """A run analysed at its final checkpoint, and runs whose analysis is of another one."""
+    flags = _cifar("dml", ["resnet32", "resnet32"])
+    results = {"test/peer1/top1": 0.72, "test/peer2/top1": 0.7}
+    plots = {"entropy": "analysis_entropy.png"}
+    return [
+        _write_run(root, "final", flags, results, _analysed("ckpt-80"), checkpoints=(40, 80)),
+        # Analysed (with --allow_unfinished) while it trained; it has finished since.
+        _write_run(root, "midway", flags, results,
+                   _analysed("ckpt-33", epoch=2, step_in_epoch=7, finished=False,
+                             entropy=(0.5, 0.6), plots=plots),
+                   plots=["analysis_entropy.png"], checkpoints=(40, 80)),
+        # Analysed when finished at ckpt-80, then trained on (--epochs raised) to ckpt-120.
+        _write_run(root, "extended", flags, results, _analysed("ckpt-80"), checkpoints=(80, 120)),
+        _write_run(root, "unrecorded", flags, results, {"peers": {"peer1": {"entropy": 1.0}}},
+                   checkpoints=(80,)),
+        _write_run(root, "no_checkpoints", flags, results, _analysed("ckpt-80")),
+        _write_run(root, "training", flags, None,
+                   _analysed("ckpt-33", epoch=2, step_in_epoch=7, finished=False),
+                   checkpoints=(33,)),
+    ]
+
+
+def test_an_analysis_of_another_checkpoint_is_never_set_beside_the_results(tmp_path):
+    runs = _stale_runs(tmp_path)
+    markdown = report.render([str(r) for r in runs])
+    rows = _table(markdown)
+    assert rows["final"]["train entropy (nats)"] == "1.5000 / 1.8000"
+    for name in ("midway", "extended", "unrecorded", "no_checkpoints", "training"):
+        assert rows[name]["train entropy (nats)"] == "— / —", name
+        assert rows[name]["analysis plots"] == "—", name
+    notes = [line for line in markdown.splitlines() if line.startswith("- ")]
+    rerun = "rerun python -m dml_tf.analysis --model_dir="
+    assert notes == [
+        f"- midway: its analysis.json is of ckpt-33, epoch 3 at step 7 (not yet evaluated), but "
+        f"the run had not finished then: its entropy (0.5000 / 0.6000 nats) is left out of the "
+        f"table; {rerun}{runs[1]}.",
+        f"- extended: its analysis.json is of ckpt-80, after epoch 5, but results.json is from "
+        f"ckpt-120, the run's final checkpoint: its entropy (1.5000 / 1.8000 nats) is left out "
+        f"of the table; {rerun}{runs[2]}.",
+        f"- unrecorded: its analysis.json does not say which checkpoint it analysed (an older "
+        f"analysis), so its numbers are left out of the table; {rerun}{runs[3]}.",
+        f"- no_checkpoints: its analysis.json is of ckpt-80, after epoch 5, but checkpoints/ is "
+        f"gone, so which checkpoint results.json is from cannot be told: its entropy "
+        f"(1.5000 / 1.8000 nats) is left out of the table; {rerun}{runs[4]}.",
+        "- training: no results.json yet (training unfinished).",
+        f"- training: its analysis.json is of ckpt-33, epoch 3 at step 7 (not yet evaluated), but "
+        f"there is no results.json to set it beside: its entropy (1.5000 / 1.8000 nats) is left "
+        f"out of the table; {rerun}{runs[5]}.",
+    ]
+
+
+def test_values_that_are_not_finite_are_marked(tmp_path):
+    run = _write_run(tmp_path, "diverged", _cifar("dml", ["resnet32", "resnet32"]),
+                     checkpoints=(80,))
+    # What json.dump writes for float("nan") and float("inf"): NaN, Infinity.
+    (run / "results.json").write_text('{"test/peer1/top1": NaN, "test/peer2/top1": Infinity, '
+                                      '"test/ensemble/top1": 0.5}')
+    (run / "analysis.json").write_text(json.dumps(_analysed("ckpt-80", entropy=(0.2, 1.0)))
+                                       .replace("0.2", "NaN"))
+    row = _table(report.render([str(run)]))["diverged"]
+    assert row["top-1 % (peers)"] == "nan (diverged) / inf (diverged)"
+    assert row["top-1 % (peers) Δ"] == "— / —" and row["top-1 % (peers) paper"] == "71.19 / 70.75"
+    assert row["ensemble top-1 %"] == "50.00"
+    assert row["train entropy (nats)"] == "nan (diverged) / 1.0000"
+    assert row["train entropy (nats) Δ"] == "— / -0.7099"
+
+
+MALFORMED = {
+    "results.json is a list": ("results.json", "[0.7, 0.71]",
+                               "{f} holds a list, not a run's metrics (a JSON object); rerun the "
+                               "run's evaluation or delete the file."),
+    "results.json holds a string": ("results.json", '{"test/peer1/top1": "71%"}',
+                                    '{f}: "test/peer1/top1" is a string, not a number; rerun the '
+                                    "run's evaluation or delete the file."),
+    "results.json holds an object": ("results.json", '{"test/ensemble/top1": {"value": 0.7}}',
+                                     '{f}: "test/ensemble/top1" is an object, not a number; rerun '
+                                     "the run's evaluation or delete the file."),
+    "flags.json is a list": ("flags.json", '["--dataset=cifar100"]',
+                             "{f} holds a list, not a run's flags (a JSON object); restore the "
+                             "run's flags.json."),
+    "flags.json nets is a string": ("flags.json", '{"dataset": "cifar100", "nets": "resnet32"}',
+                                    '{f}: "nets" is "resnet32", not a list of network names; '
+                                    "restore the run's flags.json."),
+    "analysis.json is a string": ("analysis.json", '"done"',
+                                  "{f} holds a string, not an analysis (a JSON object); rerun "
+                                  "python -m dml_tf.analysis or delete the file."),
+    "analysis.json entropy is a list": ("analysis.json", '{"peers": {"peer1": {"entropy": [1]}}}',
+                                        '{f}: "entropy" is a list, not a number; rerun python -m '
+                                        "dml_tf.analysis or delete the file."),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_file_is_one_sentence_naming_it(tmp_path, capsys, case):
+    name, text, expected = MALFORMED[case]
+    run = _write_run(tmp_path, "run", _cifar("dml", ["resnet32", "resnet32"]),
+                     {"test/peer1/top1": 0.7, "test/peer2/top1": 0.7})
+    (run / name).write_text(text)
+    assert report.main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "error: " + expected.format(f=run / name)
