@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from dml_tf import losses
 from dml_tf.errors import UserError
+from dml_tf.methods import base
 
 from dml_tf.choices import UPDATES
 
@@ -18,8 +19,10 @@ def check_arguments(num_peers, method, update):
     """Raises UserError unless `method` runs with `num_peers` peers in the `update` order."""
     if update not in UPDATES:
         raise UserError(f"update={update!r} is not an update order; choose one of {', '.join(UPDATES)}.")
-    if hasattr(method, "check_cohort_size"):
-        method.check_cohort_size(num_peers)
+    if not isinstance(method, base.Method):
+        raise UserError(f"method must be a dml_tf.methods name or a dml_tf.methods.base.Method, "
+                        f"got a {type(method).__name__}; subclass Method for a method of your own.")
+    method.check_cohort_size(num_peers)
 
 
 def input_shape(model, name=None):
@@ -55,14 +58,24 @@ class Cohort:
       * "simultaneous" (the paper's distributed variant): one forward pass of every peer,
         every peer updated from the same predictions.
 
-    What the method asks for, the cohort provides, without knowing the method:
-      * `method.uses_features`: the last-pooling features ("features" layer) of every peer
-        are passed to `method.losses(..., features=...)`.
-      * `method.frozen_peers`: 0-based indices of peers that are never updated (a fixed
-        teacher); they predict in inference mode.
+    What the method declares (methods.base.Method), the cohort provides, without knowing
+    the method:
+      * `uses_features`: the last-pooling features ("features" layer) of every peer are
+        passed to `method.losses(..., features=...)`.
+      * `frozen_peers`: 0-based indices of peers that are never updated (a fixed teacher);
+        they predict in inference mode.
 
     Weight decay is added here, as weight_decay/2·Σ‖W‖² over each peer's kernels, so that
     networks and methods stay free of regularisation details.
+
+    The cohort owns the run's step counter (`step_counter`, one per cohort update, whichever
+    peers the method updates): checkpoints, TensorBoard and resume all count with it.
+
+    Every step reports, per peer k (the one metric vocabulary of both training paths):
+    `peer{k}/ce` and the method's other terms (e.g. `mimicry`), `peer{k}/weight_decay`,
+    `peer{k}/loss` (the peer's whole objective: the method's total plus weight decay),
+    `peer{k}/top1` (training accuracy of the predictions the update used) and
+    `peer{k}/entropy` (their mean entropy); and `loss`, the peers' mean loss.
     """
 
     def __init__(self, models, optimizers, method, update="sequential", *, weight_decay=0.0,
@@ -97,12 +110,15 @@ class Cohort:
         self.distributed = strategy is not None and self.strategy.num_replicas_in_sync > 1 or (
             isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy))
         self.peer_devices = list(peer_devices) if peer_devices else [None] * len(models)
-        self.frozen = frozenset(getattr(method, "frozen_peers", ()))
-        self._uses_features = bool(getattr(method, "uses_features", False))
+        self.frozen = frozenset(method.frozen_peers)
+        self._uses_features = bool(method.uses_features)
         # Same layers and weights as the peers, with the pooled features as a second output.
-        self._feature_models = [
-            keras.Model(m.inputs, [m.get_layer("features").output, m.outputs[0]]) for m in self.models
-        ] if self._uses_features else None
+        self._feature_models = _feature_models(self.models, method) if self._uses_features else None
+        with self.strategy.scope():
+            # ONLY_FIRST_REPLICA: every replica counts the same step once.
+            self.step_counter = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="step_counter",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
             if k not in self.frozen:
                 # Built eagerly so that the compiled step never creates variables; under the
@@ -119,6 +135,11 @@ class Cohort:
     def num_peers(self):
         return len(self.models)
 
+    @property
+    def steps_done(self):
+        """Cohort updates so far (the value of `step_counter`)."""
+        return int(self.step_counter.numpy())
+
     def train_step(self, images, labels, label_mask=None):
         """One cohort update on one mini-batch.
 
@@ -130,8 +151,7 @@ class Cohort:
             cross-entropy on those, mimicry on all).
 
         Returns:
-          A dict of scalars: "peer{k}/{ce,mimicry,total,weight_decay,top1}" for k = 1..K
-          (top1 = training accuracy of the predictions the update used).
+          A dict of scalars, the step metrics of the class docstring.
         """
         views = isinstance(images, (list, tuple))
         masked = label_mask is not None
@@ -173,21 +193,30 @@ class Cohort:
         images always one tensor per peer.
         """
         body = self._sequential_step if self.update == "sequential" else self._simultaneous_step
-        return body(list(images_per_peer), labels, label_mask)
+        metrics = body(list(images_per_peer), labels, label_mask)
+        metrics["loss"] = tf.add_n([metrics[f"peer{k}/loss"] for k in range(1, self.num_peers + 1)]
+                                   ) / float(self.num_peers)
+        self.step_counter.assign_add(1)
+        return metrics
 
-    def inference_losses(self, images, labels):
+    def inference_losses(self, images_per_peer, labels):
         """The peers' logits and losses in inference mode on one batch, un-compiled.
 
+        Args:
+          images_per_peer: each peer's inputs (as for `step`).
+          labels: int64 [B].
+
         Returns:
-          (K float32 [B, M] logits, K dicts of the method's losses plus "weight_decay").
+          (K float32 [B, M] logits, K dicts of the method's terms but "total", with
+          "weight_decay" and "loss" as in the step metrics).
         """
-        outputs = [self._forward(k, images, training=False) for k in range(self.num_peers)]
+        outputs = [self._forward(k, images_per_peer[k], training=False)
+                   for k in range(self.num_peers)]
         logits = [z for z, _ in outputs]
         all_losses = self._losses(logits, [f for _, f in outputs], labels, None)
-        for model, peer_losses in zip(self.models, all_losses):
-            peer_losses["weight_decay"] = losses.l2_weight_penalty(
-                model.trainable_variables, self.weight_decay)
-        return logits, all_losses
+        return logits, [_with_loss(peer_losses, losses.l2_weight_penalty(
+            model.trainable_variables, self.weight_decay))
+            for model, peer_losses in zip(self.models, all_losses)]
 
     @property
     def trace_count(self):
@@ -316,9 +345,8 @@ class Cohort:
 
     @staticmethod
     def _report(metrics, k, peer_losses, penalty, logits_k, labels):
-        for key, value in peer_losses.items():
+        for key, value in _with_loss(peer_losses, penalty).items():
             metrics[f"peer{k + 1}/{key}"] = value
-        metrics[f"peer{k + 1}/weight_decay"] = penalty
         correct = tf.equal(tf.argmax(logits_k, axis=-1, output_type=tf.int64), labels)
         metrics[f"peer{k + 1}/top1"] = tf.reduce_mean(tf.cast(correct, tf.float32))
         # The predictions' mean entropy, for collapse detection (dml_tf.collapse); a method
@@ -378,3 +406,31 @@ class Cohort:
             variable.assign(value)
         features = None if features is None else tf.stop_gradient(features)
         return tf.stop_gradient(logits), features
+
+
+def _with_loss(peer_losses, penalty):
+    """A method's terms with "total" replaced by "loss" (total + weight decay) and the
+    "weight_decay" term itself: what both training paths log."""
+    terms = {key: value for key, value in peer_losses.items() if key != "total"}
+    terms["weight_decay"] = penalty
+    terms["loss"] = peer_losses["total"] + penalty
+    return terms
+
+
+def _feature_models(models, method):
+    """Per peer, a model of its layers giving (features, logits); refused in one sentence for
+    peers without one "features" layer width."""
+    widths = []
+    for k, model in enumerate(models, start=1):
+        try:
+            features = model.get_layer("features").output
+        except (ValueError, AttributeError):
+            raise UserError(f"method {method.name!r} compares the peers' features, but peer {k} "
+                            f"({model.name}) has no layer named 'features'; name its last pooling "
+                            "layer 'features' (dml_tf.nets do) or choose another method.") from None
+        widths.append(features.shape[-1])
+    if len(set(widths)) > 1:
+        raise UserError(f"method {method.name!r} compares the peers' features, but their widths "
+                        f"differ ({', '.join(f'peer {k}: {w}' for k, w in enumerate(widths, 1))}); "
+                        "choose peers whose 'features' layers have one width, or another method.")
+    return [keras.Model(m.inputs, [m.get_layer("features").output, m.outputs[0]]) for m in models]

@@ -5,33 +5,39 @@
     model.fit(images, labels, validation_data=(test_images, test_labels), epochs=10)
 
 The update that `fit` runs is `Cohort.step`, the cohort's own sequential or simultaneous
-step body, inside Keras' compiled train function: one implementation of the update orders.
+step body, inside Keras' compiled train function; what happens around it (a kd teacher,
+kdcl_general's per-epoch weights, collapse detection) is `dml_tf.lifecycle`'s, as in the run
+scripts: one implementation of each, and every method behaves in `fit` as in the run scripts.
 """
 
 import contextlib
-import sys
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from dml_tf import cohort as cohort_lib
-from dml_tf import collapse, methods
+from dml_tf import lifecycle, methods, peer_checks
 from dml_tf.errors import UserError
+from dml_tf.fit_callbacks import CohortChecks, CohortProgbar
 
-# Carried by the in-graph label check, so that its failure can become a UserError.
-_LABEL_RANGE_MARK = "dml_tf: label outside [0, num_classes)"
+# Carried by the label checks, so that their failure can become a UserError.
+_LABEL_RANGE_MARK = "dml_tf: label outside the class range"
+ON_NAN = ("stop", "skip")
 
 
 class MutualLearning(keras.Model):
     """A cohort of K peers trained together, each on cross-entropy plus mimicry of the others.
 
-    Logs, per peer k (epoch running means, as Keras metrics are): `peer{k}/ce`,
-    `peer{k}/mimicry` (for methods with a mimicry term; other methods' terms, e.g.
-    entropy_reg's, by their own names), `peer{k}/loss` (the peer's whole
-    objective: the method's total plus weight decay), `peer{k}/accuracy`, `peer{k}/entropy`
-    (training only: the predictions' mean entropy, for collapse detection); and `loss`, the
-    peers' mean loss, for Keras' defaults (EarlyStopping, ModelCheckpoint). Evaluation adds
-    `ensemble/loss` and `ensemble/accuracy` of the mean of the peers' probabilities.
+    Logs, per peer k (epoch means weighted by batch size; the same names and meanings as the
+    run scripts' `train/...` and `test/...` tags): `peer{k}/ce`, the method's other terms
+    (e.g. `peer{k}/mimicry`), `peer{k}/weight_decay`, `peer{k}/loss` (the peer's whole
+    objective: the method's terms plus weight decay), `peer{k}/top1` (accuracy) and, in
+    training, `peer{k}/entropy` (the predictions' mean entropy) and `collapsed`; `loss` is
+    the peers' mean loss, for Keras' defaults (EarlyStopping, ModelCheckpoint). Evaluation
+    adds `ensemble/ce` and `ensemble/top1` of the mean of the peers' probabilities. The
+    progress bar shows each peer's loss and top1 and the ensemble's top1; the history and
+    callbacks get everything.
 
     Calling the model (`predict`) gives the ensemble's probabilities; `peer_logits` the
     peers' logits; `cohort` the underlying `dml_tf.cohort.Cohort` (for
@@ -40,38 +46,61 @@ class MutualLearning(keras.Model):
     """
 
     def __init__(self, peers, method="dml", update="sequential", weight_decay=0.0, *,
-                 on_collapse="warn", **method_args):
+                 teacher=None, held_out=None, semi_supervised=False, per_peer_views=False,
+                 on_collapse="warn", on_nan="stop", **method_args):
         """Args:
           peers: list of K ≥ 1 built Keras models (functional, Sequential or subclassed)
-            mapping the same inputs to logits (no final softmax).
-          method: a name of `dml_tf.methods.NAMES`, or a method object.
+            mapping the same inputs to logits (no final softmax), with no layer in common.
+          method: a name of `dml_tf.methods.NAMES`, or a `dml_tf.methods.base.Method`.
           update: "sequential" (paper Algorithm 1) or "simultaneous".
           weight_decay: λ of λ/2·Σ‖W‖² over every peer's kernels.
-          on_collapse: after an epoch in which every peer predicts near-uniform
+          teacher: for methods with a fixed teacher (kd: peer 1): a trained keras.Model of
+            that peer's architecture, or the path of its weights file (`.weights.h5`); its
+            weights are copied into the peer, which is never updated.
+          held_out: for methods that re-estimate on held-out data before every epoch
+            (kdcl_general): `(inputs, labels)` kept out of training, e.g. the last tenth of
+            the training set (the run scripts' --val_fraction).
+          semi_supervised: labels of -1 mark unlabelled examples: no cross-entropy for them,
+            mimicry on all (paper Sec. 3.4; the run scripts' --semi_supervised=dml_all).
+          per_peer_views: each example's inputs are a tuple of K views, peer k trained on
+            the k-th (e.g. its own augmentation, as KDCL does).
+          on_collapse: after an epoch in which every peer still predicts near-uniform
             probabilities (dml_tf.collapse), "warn" (one line on stderr, `collapsed` = 1 in
             the epoch's logs) or "stop" (the same, and fit stops as EarlyStopping does).
+          on_nan: a non-finite loss or weight: "stop" (fit raises UserError at that step,
+            or after the epoch for a weight) or "skip" (such updates are dropped and the
+            weights and optimizer state put back; this keeps a copy of them every step).
           **method_args: the method's hyperparameters (e.g. temperature=2), with a name.
         """
-        peers = _checked_peers(peers)
+        peers = peer_checks.checked_peers(peers)
         method = _method(method, method_args)
         cohort_lib.check_arguments(len(peers), method, update)
-        if on_collapse not in collapse.ON_COLLAPSE:
-            raise UserError(f"on_collapse={on_collapse!r} is not one of "
-                            f"{', '.join(map(repr, collapse.ON_COLLAPSE))}.")
+        _check_method_inputs(method, teacher, held_out)
+        if on_nan not in ON_NAN:
+            raise UserError(f"on_nan={on_nan!r} is not one of {', '.join(map(repr, ON_NAN))}.")
         super().__init__(name="mutual_learning")
-        self.on_collapse = on_collapse
         self.peers = peers
         self.method = method
         self.update_order = update
         self.weight_decay = float(weight_decay)
-        self.num_classes = _num_classes(peers)
+        self.semi_supervised = bool(semi_supervised)
+        self.per_peer_views = bool(per_peer_views)
+        self.on_nan = on_nan
+        self.num_classes = peer_checks.num_classes(peers)
+        self.lifecycle = lifecycle.MethodLifecycle(
+            method, peers, self.num_classes, on_collapse=on_collapse,
+            collapse_fix="try dml_tf.schedules.LinearWarmup or a lower learning rate")
+        self.lifecycle.load_teacher(lambda model, index: peer_checks.load_teacher(
+            model, index, teacher))
+        self._held_out = self._checked_held_out(held_out) if held_out is not None else None
         self._cohort = None
-        self._terms = _method_terms(method, len(peers), self.num_classes)
-        names = [f"peer{k}/{name}" for k, terms in enumerate(self._terms, start=1)
-                 for name in dict.fromkeys(terms + ["loss", "accuracy", "entropy"])]
-        self._trackers = {name: keras.metrics.Mean(name=name) for name in
-                          names + ["loss", "ensemble/loss", "ensemble/accuracy"]}
+        self._trackers = {name: keras.metrics.Mean(name=name)
+                          for name in _metric_names(method, len(peers), self.num_classes)}
         self.built = True
+
+    @property
+    def on_collapse(self):
+        return self.lifecycle.on_collapse
 
     @property
     def num_peers(self):
@@ -93,13 +122,18 @@ class MutualLearning(keras.Model):
                 jit_compile=False):
         """Args:
           optimizer: one optimizer (or its name), copied for every peer so that each has its
-            own slots, or a list of K optimizers, one per peer.
-          run_eagerly, steps_per_execution, jit_compile: as for `keras.Model.compile`.
+            own slots, or a list of K optimizers, one per peer. Under a mixed_float16 policy
+            each is wrapped in keras.optimizers.LossScaleOptimizer (dynamic loss scaling).
+          run_eagerly, steps_per_execution, jit_compile: as for `keras.Model.compile`
+            (with jit_compile the labels are checked before the compiled step).
         """
-        optimizers = self._peer_optimizers(optimizer)
+        optimizers = [_with_loss_scaling(o, peer) for o, peer in
+                      zip(self._peer_optimizers(optimizer), self.peers)]
         self._cohort = cohort_lib.Cohort(self.peers, optimizers, self.method, self.update_order,
                                          weight_decay=self.weight_decay,
-                                         strategy=self.distribute_strategy)
+                                         strategy=self.distribute_strategy,
+                                         skip_nonfinite=self.on_nan == "skip")
+        # Tracked by Keras: save_weights and BackupAndRestore then hold every peer's slots.
         self._optimizers = optimizers
         updated = [k for k in range(self.num_peers) if k not in self._cohort.frozen] or [0]
         super().compile(optimizer=optimizers[updated[0]], run_eagerly=run_eagerly,
@@ -128,164 +162,211 @@ class MutualLearning(keras.Model):
         return self._logits(inputs, False)
 
     def _logits(self, inputs, training):
-        images = tf.cast(inputs, tf.float32)
-        return [tf.cast(peer(images, training=training), tf.float32) for peer in self.peers]
+        views = self._views(inputs)
+        return [tf.cast(peer(x, training=training), tf.float32)
+                for peer, x in zip(self.peers, views)]
+
+    def _views(self, inputs):
+        """Each peer's inputs, in the dtype it declares (an int64 id stays an int64 id)."""
+        if self.per_peer_views:
+            if not isinstance(inputs, (list, tuple)) or len(inputs) != self.num_peers:
+                raise UserError(f"per_peer_views=True takes inputs as a tuple of "
+                                f"{self.num_peers} views, one per peer.")
+            return [peer_checks.as_peer_input(x, peer) for x, peer in zip(inputs, self.peers)]
+        return [peer_checks.as_peer_input(inputs, peer) for peer in self.peers]
 
     def train_step(self, data):
-        images, labels = self._unpack(data)
-        stats = self.cohort.step([images] * self.num_peers, labels)
-        per_peer = []
-        for k, terms in enumerate(self._terms, start=1):
-            values = {name: stats[f"peer{k}/{name}"] for name in terms}
-            values["loss"] = stats[f"peer{k}/total"] + stats[f"peer{k}/weight_decay"]
-            values["accuracy"] = stats[f"peer{k}/top1"]
-            values["entropy"] = stats[f"peer{k}/entropy"]
-            per_peer.append(values)
-        return self._record(per_peer, tf.shape(labels)[0])
+        inputs, labels, label_mask = self._unpack(data)
+        stats = self.cohort.step(self._views(inputs), labels, label_mask)
+        return self._record(stats, tf.shape(labels)[0])
 
     def test_step(self, data):
-        images, labels = self._unpack(data)
-        logits, all_losses = self.cohort.inference_losses(images, labels)
-        per_peer = []
-        for logits_k, peer_losses, terms in zip(logits, all_losses, self._terms):
-            values = {name: peer_losses[name] for name in terms}
-            values["loss"] = peer_losses["total"] + peer_losses["weight_decay"]
-            values["accuracy"] = _accuracy(labels, logits_k)
-            per_peer.append(values)
+        inputs, labels, _ = self._unpack(data)
+        logits, all_losses = self.cohort.inference_losses(self._views(inputs), labels)
+        values = {}
+        for k, (logits_k, peer_losses) in enumerate(zip(logits, all_losses), start=1):
+            values.update({f"peer{k}/{name}": v for name, v in peer_losses.items()})
+            values[f"peer{k}/top1"] = _top1(labels, logits_k)
         probs = tf.add_n([tf.nn.softmax(z) for z in logits]) / float(len(logits))
-        ensemble = {"ensemble/loss": tf.reduce_mean(
-                        keras.losses.sparse_categorical_crossentropy(labels, probs)),
-                    "ensemble/accuracy": _accuracy(labels, probs)}
-        return self._record(per_peer, tf.shape(labels)[0], ensemble)
+        values["loss"] = tf.add_n([values[f"peer{k}/loss"] for k in
+                                   range(1, self.num_peers + 1)]) / float(self.num_peers)
+        values["ensemble/ce"] = tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(labels, probs))
+        values["ensemble/top1"] = _top1(labels, probs)
+        return self._record(values, tf.shape(labels)[0])
 
-    def _record(self, per_peer, batch_size, extra=None):
+    def _record(self, values, batch_size):
         """Updates the running means (weighted by the batch size) and returns them."""
         weight = tf.cast(batch_size, tf.float32)
-        values = {f"peer{k}/{name}": v for k, peer in enumerate(per_peer, start=1)
-                  for name, v in peer.items()}
-        values["loss"] = tf.add_n([peer["loss"] for peer in per_peer]) / float(len(per_peer))
-        values.update(extra or {})
         for name, value in values.items():
             self._trackers[name].update_state(value, sample_weight=weight)
         return {name: self._trackers[name].result() for name in values}
 
     def _unpack(self, data):
-        """(float32 inputs, checked int64 [B] labels) of one batch."""
+        """(inputs, checked int64 [B] labels, label mask or None) of one batch."""
         inputs, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if labels is None:
             raise UserError("MutualLearning needs labels; pass y to fit/evaluate, or a dataset "
                             "of (inputs, labels) pairs.")
         if sample_weight is not None:
-            raise UserError("MutualLearning does not take sample weights; pass (inputs, "
-                            "labels) without a third element.")
-        return tf.cast(inputs, tf.float32), self._labels(labels)
+            raise UserError("MutualLearning takes no sample weights: each peer's loss is the "
+                            "method's; pass (inputs, labels) pairs only.")
+        labels = self._labels(labels)
+        if not self.semi_supervised:
+            return inputs, labels, None
+        # Unlabelled examples carry -1: no cross-entropy, mimicry only (as the run scripts).
+        return inputs, tf.maximum(labels, 0), tf.cast(labels >= 0, tf.float32)
 
     def _labels(self, labels):
         labels = tf.convert_to_tensor(labels)
-        shape, m = labels.shape, self.num_classes
-        if shape.rank == 2 and shape[-1] == m and m > 1:
-            raise UserError(f"labels of shape {shape} look one-hot; pass class indices of shape "
-                            "[B] instead (e.g. labels.argmax(-1)).")
-        if not labels.dtype.is_integer:
-            raise UserError(f"labels must be integer class indices (e.g. int32, int64, uint8), "
-                            f"got {labels.dtype.name}.")
-        if shape.rank == 2 and shape[-1] == 1:
+        shape = labels.shape
+        peer_checks.check_label_layout(labels, self.num_classes)
+        if shape.rank == 2:
             labels = tf.squeeze(labels, axis=-1)
-        elif shape.rank != 1:
-            raise UserError(f"labels must have shape [B] or [B, 1], got {shape}.")
         labels = tf.cast(labels, tf.int64)
-        in_range = tf.reduce_all((labels >= 0) & (labels < m))
+        low = -1 if self.semi_supervised else 0
+        in_range = tf.reduce_all((labels >= low) & (labels < self.num_classes))
+        # XLA drops this assertion; under jit_compile the labels were checked before the
+        # compiled step (`_checked_data`).
         with tf.control_dependencies([tf.debugging.Assert(in_range, [_LABEL_RANGE_MARK])]):
             return tf.identity(labels)
 
-    def fit(self, *args, callbacks=None, **kwargs):
-        # First, so that the callbacks after it (TensorBoard, CSVLogger) log `collapsed` too.
-        callbacks = [_CollapseMonitor(self.num_classes, self.num_peers, self.on_collapse),
-                     *(callbacks or [])]
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
+            validation_split=0.0, validation_data=None, **kwargs):
+        """keras.Model.fit, with the method's lifecycle and checks (see the class docstring);
+        class_weight and sample_weight are refused."""
+        for name in ("class_weight", "sample_weight"):
+            if kwargs.get(name) is not None:
+                raise UserError(f"MutualLearning.fit takes no {name}: each peer's loss is the "
+                                "method's, unweighted; drop it (or resample the data).")
+        x, y = self._checked_data(x, y)
+        if self.jit_compile and isinstance(validation_data, (tuple, list)):
+            validation_data = (*self._checked_data(*validation_data[:2]), *validation_data[2:])
+        elif self.jit_compile and validation_data is not None:
+            validation_data = self._checked_data(validation_data, None)[0]
+        # First, so that the callbacks after it (TensorBoard, CSVLogger) see `collapsed` too.
+        callbacks = [CohortChecks(self), *(callbacks or [])]
+        if verbose != 0:
+            callbacks.append(CohortProgbar(self.num_peers))
         with self._label_errors():
-            return super().fit(*args, callbacks=callbacks, **kwargs)
+            return super().fit(x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
+                               callbacks=callbacks, validation_split=validation_split,
+                               validation_data=validation_data, **kwargs)
 
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", callbacks=None,
+                 **kwargs):
+        """keras.Model.evaluate with the label checks and the short progress bar."""
+        x, y = self._checked_data(x, y)
+        # fit's own validation passes its CallbackList, which holds the progress bar already.
+        if not isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks = list(callbacks or [])
+            if verbose != 0:
+                callbacks.append(CohortProgbar(self.num_peers))
         with self._label_errors():
-            return super().evaluate(*args, **kwargs)
+            return super().evaluate(x, y, batch_size=batch_size, verbose=verbose,
+                                    callbacks=callbacks, **kwargs)
+
+    def _checked_data(self, x, y):
+        """Under jit_compile (XLA drops in-graph assertions), labels checked before the
+        compiled step: arrays here, a tf.data.Dataset by a check in its own pipeline."""
+        if not self.jit_compile:
+            return x, y
+        if isinstance(x, tf.data.Dataset):
+            return x.map(self._dataset_label_check), y
+        if y is None:
+            raise UserError("With jit_compile=True, MutualLearning checks labels before the "
+                            "compiled step, which it can do for arrays and tf.data.Dataset; "
+                            "pass one of those, or compile without jit_compile.")
+        labels = np.asarray(y).reshape(-1)
+        low = -1 if self.semi_supervised else 0
+        if labels.size and (labels.min() < low or labels.max() >= self.num_classes):
+            raise UserError(self._label_message())
+        return x, y
+
+    def _dataset_label_check(self, *element):
+        _, labels, _ = keras.utils.unpack_x_y_sample_weight(
+            element[0] if len(element) == 1 else element)
+        if labels is not None:
+            labels = tf.cast(labels, tf.int64)
+            low = -1 if self.semi_supervised else 0
+            tf.debugging.assert_equal(
+                tf.reduce_all((labels >= low) & (labels < self.num_classes)), True,
+                message=_LABEL_RANGE_MARK)
+        return element[0] if len(element) == 1 else element
+
+    def _label_message(self):
+        low = "-1 (unlabelled) or " if self.semi_supervised else ""
+        return (f"labels must be {low}class indices in [0, {self.num_classes}) for peers with "
+                f"{self.num_classes} outputs; found one outside.")
 
     @contextlib.contextmanager
     def _label_errors(self):
-        """The in-graph label check's failure as one sentence."""
+        """The label checks' failure as one sentence."""
         try:
             yield
         except tf.errors.InvalidArgumentError as error:
             if _LABEL_RANGE_MARK not in str(error):
                 raise
-            raise UserError(f"labels must be class indices in [0, {self.num_classes}) for peers "
-                            f"with {self.num_classes} outputs; found one outside.") from None
+            raise UserError(self._label_message()) from None
+
+    def _checked_held_out(self, held_out):
+        """held_out as (inputs, int64 labels) numpy-sliceable, checked once."""
+        if not isinstance(held_out, (tuple, list)) or len(held_out) != 2:
+            raise UserError("held_out must be a pair (inputs, labels).")
+        inputs, labels = held_out
+        labels = np.asarray(labels).reshape(-1).astype(np.int64)
+        sizes = {len(a) for a in tf.nest.flatten(inputs)}
+        if not labels.size or sizes != {labels.size}:
+            raise UserError(f"held_out holds {labels.size} labels and inputs of "
+                            f"{sorted(sizes)} examples; pass as many inputs as labels, at least 1.")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise UserError(f"held_out's labels must be class indices in [0, {self.num_classes}).")
+        return inputs, labels
+
+    def held_out_probabilities(self, batch_size=256):
+        """The peers' probabilities (inference mode) on `held_out`: (K [N, M] arrays, labels)."""
+        inputs, labels = self._held_out
+        per_peer = [[] for _ in self.peers]
+        for start in range(0, labels.size, batch_size):
+            batch = tf.nest.map_structure(lambda a: a[start:start + batch_size], inputs)
+            for k, z in enumerate(self._logits(batch, False)):
+                per_peer[k].append(tf.nn.softmax(z).numpy())
+        return [np.concatenate(p) for p in per_peer], labels
+
+    def get_config(self):
+        raise UserError("MutualLearning cannot be saved as one .keras file (its peers and "
+                        "method are yours to rebuild): use model.save_weights('cohort.weights.h5') "
+                        "on the same peers, each peer's own save, or "
+                        "dml_tf.export.export_cohort(model.cohort, folder) for serving.")
+
+    def save(self, filepath, *args, **kwargs):
+        del filepath, args, kwargs
+        self.get_config()
 
 
-class _CollapseMonitor(keras.callbacks.Callback):
-    """dml_tf.collapse on the epoch's training logs: a warning, `collapsed` in the logs, and
-    with on_collapse="stop" the end of fit."""
-
-    def __init__(self, num_classes, num_peers, on_collapse):
-        super().__init__()
-        self.num_classes, self.num_peers, self.on_collapse = num_classes, num_peers, on_collapse
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs if logs is not None else {}
-        found = collapse.collapsed_peers(logs, self.num_classes, self.num_peers)
-        logs["collapsed"] = float(bool(found))
-        if not found:
-            return
-        print("warning: " + collapse.describe(
-            found, self.num_classes, epoch + 1,
-            "try dml_tf.schedules.LinearWarmup or a lower learning rate"), file=sys.stderr)
-        if self.on_collapse == "stop":
-            self.model.stop_training = True
+def _check_method_inputs(method, teacher, held_out):
+    """What the method needs is given, and nothing it does not use."""
+    lifecycle.check_inputs(
+        method, teacher=teacher is not None, held_out=held_out is not None,
+        teacher_hint="pass teacher= a trained keras.Model built like peers[0] (or the path of "
+                     "its .weights.h5 file)",
+        held_out_hint="pass held_out=(inputs, labels), examples kept out of fit")
+    if teacher is not None and not method.needs_teacher:
+        raise UserError(f"teacher= is for methods with a fixed teacher (kd); method "
+                        f"{method.name!r} has none: drop it.")
+    if held_out is not None and not method.needs_validation:
+        raise UserError(f"held_out= is for methods that re-estimate on held-out data "
+                        f"(kdcl_general); method {method.name!r} does not: drop it (use fit's "
+                        "validation_data to evaluate).")
 
 
-def _checked_peers(peers):
-    """The peers as a list, refused in one sentence if they cannot be a cohort."""
-    if isinstance(peers, keras.Model) or not isinstance(peers, (list, tuple)) or not peers:
-        raise UserError("peers must be a non-empty list of keras.Model, one per peer.")
-    shapes = []
-    for k, peer in enumerate(peers):
-        if not isinstance(peer, keras.Model):
-            raise UserError(f"peers[{k}] is a {type(peer).__name__}, not a keras.Model.")
-        shapes.append(cohort_lib.input_shape(peer, name=f"peers[{k}]")[1:])
-        if _ends_in_softmax(peer):
-            raise UserError(f"peers[{k}] ends in a softmax, but peers must output logits; "
-                            "remove the final softmax (its activation or layer).")
-    if len(set(shapes)) > 1:
-        raise UserError(f"peers must all take the same input shape, got {shapes}.")
-    if len(set(map(id, peers))) != len(peers):
-        raise UserError("peers must be distinct models; the same model appears twice.")
-    return list(peers)
-
-
-def _ends_in_softmax(peer):
-    """Whether a functional or Sequential peer's last layer is a softmax (subclassed peers
-    cannot be inspected)."""
-    if not getattr(peer, "layers", None) or not _has_graph(peer):
-        return False
-    last = peer.layers[-1]
-    return (isinstance(last, keras.layers.Softmax)
-            or getattr(last, "activation", None) is keras.activations.softmax)
-
-
-def _has_graph(peer):
-    try:
-        return bool(peer.outputs)
-    except (AttributeError, ValueError):
-        return False
-
-
-def _num_classes(peers):
-    widths = []
-    for peer in peers:
-        spec = peer.compute_output_spec(keras.KerasTensor(cohort_lib.input_shape(peer)))
-        widths.append(spec.shape[-1])
-    if len(set(widths)) > 1:
-        raise UserError(f"peers must all output the same number of classes, got {widths}.")
-    return widths[0]
+def _with_loss_scaling(optimizer, peer):
+    """The optimizer wrapped for dynamic loss scaling when the peer computes in float16."""
+    policy = getattr(peer, "dtype_policy", None) or keras.mixed_precision.global_policy()
+    if policy.compute_dtype != "float16" or isinstance(
+            optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer
+    return keras.optimizers.LossScaleOptimizer(optimizer)
 
 
 def _method(method, method_args):
@@ -297,16 +378,18 @@ def _method(method, method_args):
     return methods.get(method, **method_args)
 
 
-def _method_terms(method, num_peers, num_classes):
-    """Each peer's loss terms but "total" ("ce", "mimicry", ...), as the method reports them
-    on a dummy batch."""
+def _metric_names(method, num_peers, num_classes):
+    """Every name train_step and test_step log: each peer's terms as the method reports them
+    on a dummy batch, the step metrics around them, the ensemble's."""
     logits = [tf.zeros([1, num_classes]) for _ in range(num_peers)]
-    features = [tf.zeros([1, 1]) for _ in range(num_peers)]
-    all_losses = method.losses(
-        logits, tf.zeros([1], tf.int64),
-        features=features if getattr(method, "uses_features", False) else None)
-    return [[name for name in peer_losses if name != "total"] for peer_losses in all_losses]
+    features = [tf.zeros([1, 1]) for _ in range(num_peers)] if method.uses_features else None
+    all_losses = method.losses(logits, tf.zeros([1], tf.int64), features=features)
+    names = [f"peer{k}/{name}" for k, peer_losses in enumerate(all_losses, start=1)
+             for name in dict.fromkeys([n for n in peer_losses if n != "total"]
+                                       + ["weight_decay", "loss", "top1", "entropy"])]
+    return names + ["loss", "ensemble/ce", "ensemble/top1"]
 
 
-def _accuracy(labels, scores):
+def _top1(labels, scores):
     return tf.reduce_mean(keras.metrics.sparse_categorical_accuracy(labels, scores))
+

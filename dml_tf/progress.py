@@ -51,7 +51,7 @@ class EpochProgress:
         from keras.utils import Progbar  # noqa: PLC0415 (Keras imports TensorFlow)
 
         self._write(f"Epoch {self.epoch + 1}/{self.epochs}\n")
-        names = [name for name, _ in self._values({}, self.first_step, 0.0)]
+        names = [name for name, _ in self._peer_values({})]
         with contextlib.redirect_stdout(self.stream):  # Progbar writes to sys.stdout
             progbar = Progbar(self.steps, stateful_metrics=names)
             if self.first_step:
@@ -60,12 +60,11 @@ class EpochProgress:
 
     def update(self, step, means):
         """Shows step `step` (from 1) done, with `means` the epoch's running means so far
-        (keys `peer{k}/total`, `peer{k}/top1`, ... as train_lib computes them)."""
+        (keys `peer{k}/loss`, `peer{k}/top1`, ...: the cohort's step metrics)."""
         if self._progbar is not None:
             with contextlib.redirect_stdout(self.stream):
                 # Only `finish` ends the line (Progbar would at the last step on its own).
-                self._progbar.update(step, self._values(means, step, self._seconds()),
-                                     finalize=False)
+                self._progbar.update(step, self._peer_values(means), finalize=False)
         elif self.every and step < self.steps and step - self._last_line_step >= self.every:
             self._last_line_step = step
             self._write(self._line(step, means))
@@ -76,19 +75,25 @@ class EpochProgress:
         given, on an indented line below it."""
         if self._progbar is not None:
             with contextlib.redirect_stdout(self.stream):
-                self._progbar.update(self.steps, self._values(means, self.steps, self._seconds()),
-                                     finalize=True)
+                self._progbar.update(self.steps, self._peer_values(means), finalize=True)
         else:
             self._write(self._line(self.steps, means))
         if test_metrics:
             self._write("  " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()) + "\n")
 
-    def _values(self, means, step, seconds):
-        """(name, value) pairs shown: per peer loss and top-1 accuracy, then images/s."""
+    def _peer_values(self, means):
+        """(name, value) pairs of each peer's loss (its whole objective) and top-1 accuracy.
+        Keras' Progbar shows these beside its own time per step (it would print images/s
+        with four decimals)."""
         values = []
         for k in range(1, self.num_peers + 1):
-            values.append((f"p{k}_loss", means.get(f"peer{k}/total", math.nan)))
+            values.append((f"p{k}_loss", means.get(f"peer{k}/loss", math.nan)))
             values.append((f"p{k}_acc", means.get(f"peer{k}/top1", math.nan)))
+        return values
+
+    def _values(self, means, step, seconds):
+        """The plain line's pairs: `_peer_values`, then images/s."""
+        values = self._peer_values(means)
         images = (step - self.first_step) * self.batch_size
         values.append(("img/s", images / seconds if seconds > 0 else 0.0))
         return values

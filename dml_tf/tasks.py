@@ -5,6 +5,8 @@ ImageNet) reports top-k accuracy; re-identification (Market-1501) reports retrie
 metrics of the "features" embedding. train_lib drives any task the same way.
 """
 
+import pkgutil
+
 import numpy as np
 import tensorflow as tf
 
@@ -149,11 +151,16 @@ def diagnosed(task, dataset):
         yield element
 
 
-_FACTORIES = {name: classification_task for name in data_lib.DATASETS}
+# Dataset name -> "module:function" making its task from a Config: one table, as for methods
+# and networks; a task's module (Market-1501's, ImageNet's) is imported only when asked for.
+_FACTORIES = {name: "dml_tf.tasks:classification_task" for name in data_lib.DATASETS} | {
+    "market1501": "dml_tf.reid_task:market_task",
+    "imagenet": "dml_tf.imagenet_task:imagenet_task",
+}
 
 
 def register(dataset, factory):
-    """Makes `factory(config) -> task` the task of `dataset` (one line per dataset module)."""
+    """Makes `factory(config) -> task` (or its "module:function") the task of `dataset`."""
     _FACTORIES[dataset] = factory
 
 
@@ -162,4 +169,5 @@ def make(config):
     if config.dataset not in _FACTORIES:
         raise UserError(f"--dataset={config.dataset} is not known; choose one of "
                         f"{', '.join(sorted(_FACTORIES))}.")
-    return _FACTORIES[config.dataset](config)
+    factory = _FACTORIES[config.dataset]
+    return (pkgutil.resolve_name(factory) if isinstance(factory, str) else factory)(config)

@@ -335,6 +335,6 @@ def test_a_run_in_a_log_shows_plain_lines_with_the_epochs_means(tmp_path):
     assert len(last) == 1, proc.stdout
     results = json.loads((model_dir / "results.json").read_text())
     for k in (1, 2):
-        for shown, key in (("loss", "total"), ("acc", "top1")):
+        for shown, key in (("loss", "loss"), ("acc", "top1")):
             printed = re.search(rf"p{k}_{shown}: (-?\d+\.\d{{4}})", last[0]).group(1)
             assert printed == f"{results[f'train/peer{k}/{key}']:.4f}"

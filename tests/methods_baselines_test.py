@@ -179,5 +179,5 @@ def test_dml_l2_runs_in_the_cohort_on_the_features_layer(update):
     expected = np.mean(np.sum((features[0] - features[1]) ** 2, axis=1))
     for k in (1, 2):
         assert float(metrics[f"peer{k}/feature_l2"]) == pytest.approx(expected, rel=1e-4)
-        assert float(metrics[f"peer{k}/total"]) == pytest.approx(
+        assert float(metrics[f"peer{k}/loss"]) == pytest.approx(
             float(metrics[f"peer{k}/ce"] + metrics[f"peer{k}/mimicry"]) + 0.5 * expected, rel=1e-5)

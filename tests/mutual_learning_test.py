@@ -104,10 +104,12 @@ def test_fit_is_the_cohorts_train_steps_and_logs_their_running_means(update, coh
              for i in range(0, len(images), BATCH)]
     _assert_same_weights(_weights(model.peers), _weights(peers))
     for k in range(1, len(peers) + 1):
-        for name, key in (("ce", "ce"), ("mimicry", "mimicry"), ("accuracy", "top1")):
-            want = np.mean([float(s[f"peer{k}/{key}"]) for s in steps])  # equal batches
+        for name in ("ce", "mimicry", "top1", "weight_decay"):
+            want = np.mean([float(s[f"peer{k}/{name}"]) for s in steps])  # equal batches
             np.testing.assert_allclose(history.history[f"peer{k}/{name}"][0], want, rtol=1e-5)
-        want = np.mean([float(s[f"peer{k}/total"] + s[f"peer{k}/weight_decay"]) for s in steps])
+        # The peer's whole objective, summed here from its terms (the one vocabulary).
+        want = np.mean([float(s[f"peer{k}/ce"] + s[f"peer{k}/mimicry"] + s[f"peer{k}/weight_decay"])
+                        for s in steps])
         np.testing.assert_allclose(history.history[f"peer{k}/loss"][0], want, rtol=1e-5)
 
 
@@ -127,10 +129,10 @@ def test_evaluate_predict_and_peer_logits_match_numpy():
     got = model.evaluate(images, labels, batch_size=BATCH, return_dict=True, verbose=0)
     for k, p in enumerate(probs, start=1):
         np.testing.assert_allclose(got[f"peer{k}/ce"], -np.log(p[rows, labels]).mean(), rtol=1e-5)
-        np.testing.assert_allclose(got[f"peer{k}/accuracy"], (p.argmax(-1) == labels).mean())
+        np.testing.assert_allclose(got[f"peer{k}/top1"], (p.argmax(-1) == labels).mean())
         assert f"peer{k}/mimicry" not in got  # independent learning has no mimicry term
-    np.testing.assert_allclose(got["ensemble/loss"], -np.log(ensemble[rows, labels]).mean(), rtol=1e-5)
-    np.testing.assert_allclose(got["ensemble/accuracy"], (ensemble.argmax(-1) == labels).mean())
+    np.testing.assert_allclose(got["ensemble/ce"], -np.log(ensemble[rows, labels]).mean(), rtol=1e-5)
+    np.testing.assert_allclose(got["ensemble/top1"], (ensemble.argmax(-1) == labels).mean())
     np.testing.assert_allclose(model.predict(images, verbose=0), ensemble, atol=1e-6)
     for z, want in zip(model.peer_logits(images), logits):
         np.testing.assert_allclose(z.numpy(), want, atol=1e-5)
@@ -154,9 +156,9 @@ def test_tf_data_dataset_with_validation_logs_every_peer_and_the_ensemble():
     model = dml_tf.MutualLearning([_tiny_peer(1), _tiny_peer(2)], "dml_js")
     model.compile(optimizer=[keras.optimizers.SGD(0.1), keras.optimizers.Adam(1e-3)])
     history = model.fit(train, validation_data=train.take(2), epochs=1, verbose=0)
-    assert {"val_ensemble/accuracy", "val_ensemble/loss", "val_peer2/mimicry", "peer1/mimicry",
-            "peer2/accuracy", "loss", "val_loss"} <= set(history.history)
-    assert "ensemble/accuracy" not in history.history  # training logs the peers only
+    assert {"val_ensemble/top1", "val_ensemble/ce", "val_peer2/mimicry", "peer1/mimicry",
+            "peer2/top1", "loss", "val_loss"} <= set(history.history)
+    assert "ensemble/top1" not in history.history  # training logs the peers only
     assert int(model.cohort.optimizers[1].iterations.numpy()) == len(images) // BATCH
     assert isinstance(model.cohort.optimizers[1], keras.optimizers.Adam)
 
@@ -231,18 +233,18 @@ def test_tensorboard_checkpoint_csv_and_early_stopping(tmp_path):
         keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt" / "e{epoch}.weights.h5"),
                                         save_weights_only=True),
         keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
-        keras.callbacks.EarlyStopping(monitor="val_ensemble/accuracy", mode="max", patience=1),
+        keras.callbacks.EarlyStopping(monitor="val_ensemble/top1", mode="max", patience=1),
     ]
     history = model.fit(images, labels, batch_size=BATCH, epochs=20, verbose=0,
                         validation_data=(images[:16], labels[:16]), callbacks=callbacks)
     assert history.epoch == [0, 1]
     tags = _scalar_tags(str(tmp_path / "tb"))
-    assert {"epoch_peer1/ce", "epoch_peer2/mimicry", "epoch_peer2/accuracy",
-            "epoch_ensemble/accuracy"} <= tags  # validation curves live in their own folder
+    assert {"epoch_peer1/ce", "epoch_peer2/mimicry", "epoch_peer2/top1",
+            "epoch_ensemble/top1"} <= tags  # validation curves live in their own folder
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [float(r["val_ensemble/accuracy"]) for r in rows] == pytest.approx(
-        history.history["val_ensemble/accuracy"])
+    assert [float(r["val_ensemble/top1"]) for r in rows] == pytest.approx(
+        history.history["val_ensemble/top1"])
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["e1.weights.h5", "e2.weights.h5"]
     restored = dml_tf.MutualLearning([_conv_peer(5), _sequential_peer(6)])
     restored.compile(optimizer=keras.optimizers.SGD(0.0))
@@ -288,10 +290,10 @@ def _softmax_layer_peer():
 
 
 @pytest.mark.parametrize("peers, kwargs, message", [
-    (lambda: [_conv_peer(1), _softmax_dense_peer()], {}, r"peers\[1\] ends in a softmax.*remove"),
-    (lambda: [_softmax_layer_peer(), _conv_peer(1)], {}, r"peers\[0\] ends in a softmax"),
+    (lambda: [_conv_peer(1), _softmax_dense_peer()], {}, r"peer 2 \(peers\[1\]\) ends in a softmax.*remove.*classifier_activation=None"),
+    (lambda: [_softmax_layer_peer(), _conv_peer(1)], {}, r"peer 1 \(peers\[0\]\) ends in a softmax"),
     (lambda: [_conv_peer(1), keras.Sequential([keras.layers.Dense(NUM_CLASSES)])], {},
-     r"peers\[1\] has no input shape; start it with keras.Input"),
+     r"peer 2 \(peers\[1\]\) has no input shape; start it with keras.Input"),
     (lambda: [_conv_peer(1)], {}, r"method='dml' needs at least 2 peers.*peers"),
     (lambda: [_conv_peer(1), _conv_peer(2)], {"update": "sideways"}, r"update='sideways'"),
     (lambda: [_conv_peer(1), _conv_peer(2)], {"method": "dlm"}, r"method='dlm' is not a method"),
@@ -371,7 +373,7 @@ def test_fit_under_mirrored_strategy_on_two_devices_matches_one_device():
     for update in ("sequential", "simultaneous"):
         assert out[update]["replicas"] == 2 and out[update]["distributed"]
         assert out[update]["gap"] < 1e-5
-        assert "val_ensemble/accuracy" in out[update]["keys"]
+        assert "val_ensemble/top1" in out[update]["keys"]
 
 
 def test_the_digits_example_trains_validates_logs_backs_up_and_exports(tmp_path):
@@ -382,7 +384,7 @@ def test_the_digits_example_trains_validates_logs_backs_up_and_exports(tmp_path)
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
         env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ensemble reloaded" in proc.stdout and "val_ensemble/accuracy" in proc.stdout
+    assert "ensemble reloaded" in proc.stdout and "val_ensemble/top1" in proc.stdout
     assert {"peer1", "peer2", "ensemble"} <= set(os.listdir(tmp_path / "export"))
-    assert {"epoch_peer2/ce", "epoch_ensemble/accuracy"} <= _scalar_tags(str(tmp_path / "tensorboard"))
+    assert {"epoch_peer2/ce", "epoch_ensemble/top1"} <= _scalar_tags(str(tmp_path / "tensorboard"))
     assert not os.path.exists(tmp_path / "backup")  # BackupAndRestore cleans up after a whole run

@@ -38,7 +38,7 @@ def _per_step_values(num_peers, steps, seed=0):
     rng = np.random.default_rng(seed)
     values = {}
     for k in range(1, num_peers + 1):
-        values[f"peer{k}/total"] = rng.uniform(0.5, 3.0, steps)
+        values[f"peer{k}/loss"] = rng.uniform(0.5, 3.0, steps)
         values[f"peer{k}/top1"] = rng.uniform(0.0, 1.0, steps)
         values[f"peer{k}/ce"] = rng.uniform(0.5, 3.0, steps)
     return values
@@ -67,7 +67,7 @@ def test_plain_lines_have_no_control_characters_and_show_the_means():
     for k in (1, 2):
         loss = float(re.search(rf"p{k}_loss: {VALUE}", last).group(1))
         acc = float(re.search(rf"p{k}_acc: {VALUE}", last).group(1))
-        assert loss == pytest.approx(final[f"peer{k}/total"], abs=5e-5)
+        assert loss == pytest.approx(final[f"peer{k}/loss"], abs=5e-5)
         assert acc == pytest.approx(final[f"peer{k}/top1"], abs=5e-5)
 
 
@@ -80,7 +80,7 @@ def test_intermediate_lines_show_the_running_means_of_their_step():
     line_of_step_4 = stream.getvalue().splitlines()[1]
     assert "step 4/6" in line_of_step_4
     shown = float(re.search(rf"p1_loss: {VALUE}", line_of_step_4).group(1))
-    assert shown == pytest.approx(np.mean(per_step["peer1/total"][:4]), abs=5e-5)
+    assert shown == pytest.approx(np.mean(per_step["peer1/loss"][:4]), abs=5e-5)
 
 
 @pytest.mark.parametrize("steps, lines", [(50, 1), (99, 1), (100, 10), (205, 10)])
@@ -96,7 +96,7 @@ def test_images_per_second_and_seconds_follow_the_clock(monkeypatch):
     stream = io.StringIO()
     bar = progress.EpochProgress(0, 2, 10, 1, 16, first_step=2, stream=stream)
     clock.now += 4.0
-    bar.finish({"peer1/total": 1.0, "peer1/top1": 0.5})
+    bar.finish({"peer1/loss": 1.0, "peer1/top1": 0.5})
     line = stream.getvalue().splitlines()[-1]
     assert re.search(r" - (\d+\.\d)s - ", line).group(1) == "4.0"
     # Resumed at step 2: 8 steps of 16 images in 4 s.
@@ -112,7 +112,7 @@ def test_a_terminal_gets_keras_progbar_showing_the_means_as_given():
     assert "━" in text or "=" in text  # Progbar's bar
     last = text.rsplit("\r", 1)[-1]
     for k in (1, 2):
-        assert f"p{k}_loss: {final[f'peer{k}/total']:.4f}" in last
+        assert f"p{k}_loss: {final[f'peer{k}/loss']:.4f}" in last
         assert f"p{k}_acc: {final[f'peer{k}/top1']:.4f}" in last
     assert text.endswith("\n") and text.count("\n") == 2  # the header and the bar's one line
 
@@ -120,6 +120,6 @@ def test_a_terminal_gets_keras_progbar_showing_the_means_as_given():
 def test_test_metrics_follow_on_their_own_line():
     stream = io.StringIO()
     bar = progress.EpochProgress(1, 2, 3, 1, 4, stream=stream)
-    bar.finish({"peer1/total": 0.25, "peer1/top1": 0.75}, {"test/peer1/top1": 0.625})
+    bar.finish({"peer1/loss": 0.25, "peer1/top1": 0.75}, {"test/peer1/top1": 0.625})
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("Epoch 2/2 step 3/3") and lines[1] == "  test/peer1/top1=0.6250"

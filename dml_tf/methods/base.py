@@ -15,13 +15,35 @@ class Method:
     cross-entropy) or override `losses`. Targets built from other peers must be wrapped in
     `tf.stop_gradient`: a peer's loss changes only its own weights.
 
+    What a method needs beyond `losses` is declared here, each with a default, and driven by
+    `dml_tf.lifecycle.MethodLifecycle` for both the run scripts and `MutualLearning.fit`: a
+    method behaves the same on both paths, or is refused in one sentence.
+
     Attributes:
       name: registry name.
       min_peers: the smallest cohort the method is defined for.
+      frozen_peers: 0-based indices of peers the cohort never updates and runs in inference
+        mode (kd's fixed teacher).
+      needs_teacher: the frozen peers must hold a trained teacher before the first step: the
+        run scripts restore it from --teacher_checkpoint, `MutualLearning` takes `teacher=`
+        (a trained keras.Model of the same architecture, or its weights file). Refused
+        without one.
+      needs_validation: the method re-estimates something on held-out data before every
+        epoch (`update_weights`): the run scripts hold out --val_fraction of the training
+        set, `MutualLearning` takes `held_out=(inputs, labels)`. Refused without it.
+      uses_features: `losses` gets `features=`, every peer's "features" layer output
+        (the peers must have such a layer, of one width).
+      mutual: the peers learn from each other (a mimicry term between peers), which the
+        collapse warning names as what holds a collapsed cohort in place.
     """
 
     name = "base"
     min_peers = 1
+    frozen_peers = ()
+    needs_teacher = False
+    needs_validation = False
+    uses_features = False
+    mutual = True
 
     def __init__(self, label_smoothing=0.0):
         """Args: label_smoothing: ε of the cross-entropy targets (0 in the paper's CIFAR runs)."""
@@ -35,6 +57,20 @@ class Method:
             raise UserError(
                 f"method={self.name!r} needs at least {self.min_peers} peers, got {num_peers}; "
                 f"pass {self.min_peers} or more models in peers.")
+
+    def update_weights(self, peer_probs, labels):
+        """The per-epoch hook of methods with `needs_validation`, called before each epoch.
+
+        Args:
+          peer_probs: list of K numpy [N, M] class probabilities of the peers (inference
+            mode) on the held-out examples.
+          labels: numpy int [N] of those examples.
+        """
+        del peer_probs, labels  # nothing to re-estimate by default
+
+    def summaries(self):
+        """{TensorBoard tag: float} of the method's own state, logged after every epoch."""
+        return {}
 
     def mimicry(self, logits, k, *, features=None):
         """The mimicry term of peer k (0-based index), or None for a method without one."""

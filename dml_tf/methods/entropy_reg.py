@@ -33,6 +33,7 @@ class EntropyRegularised(base.Method):
 
     name = "entropy_reg"
     min_peers = 1
+    mutual = False  # no term between peers
 
     def __init__(self, beta=0.2, label_smoothing=0.0):
         """Args:

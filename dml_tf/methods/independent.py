@@ -8,3 +8,4 @@ class Independent(base.Method):
 
     name = "independent"
     min_peers = 1
+    mutual = False  # no term between peers

@@ -21,17 +21,16 @@ class Distillation(base.Method):
 
     Teacher: its dict holds its own cross-entropy as "ce" and "total", for the logs only:
     `frozen_peers = (0,)` tells the cohort never to update it and to run it in inference mode.
-    Its weights come from a finished run, which the training loop loads (`needs_teacher`).
+    Its weights come from a trained teacher, which the method lifecycle loads (`needs_teacher`).
 
-    Attributes:
-      frozen_peers: 0-based indices of the peers the cohort never updates (the teacher).
-      needs_teacher: the training loop must restore peer 1 from a teacher checkpoint.
+    Declares (methods.base.Method): `frozen_peers = (0,)`, `needs_teacher`.
     """
 
     name = "kd"
     min_peers = 2
     frozen_peers = (0,)
     needs_teacher = True
+    mutual = False  # the students learn from a fixed teacher, not from each other
 
     def __init__(self, temperature=1.0, label_smoothing=0.0):
         """Args:

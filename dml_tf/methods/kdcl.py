@@ -263,9 +263,9 @@ class KDCLGeneral(_KDCL):
     until the first `update_weights`), which `losses` reads inside the compiled step, so
     new weights take effect without retracing.
 
-    Training-loop protocol: `needs_validation` asks for a held-out split; once per
-    epoch call `update_weights(peer_probs, labels)` with the peers' held-out
-    probabilities (inference mode) and log `summaries()`.
+    Lifecycle (methods.base.Method, driven by dml_tf.lifecycle for both training paths):
+    `needs_validation` asks for held-out data; before every epoch `update_weights` gets
+    the peers' held-out probabilities (inference mode); `summaries()` is logged.
     """
 
     name = "kdcl_general"
