@@ -71,8 +71,8 @@ def main(argv=None):
                         steps_per_epoch=args.steps_per_epoch, verbose=2, callbacks=[
                             keras.callbacks.TensorBoard(os.path.join(args.out_dir, "tensorboard")),
                             keras.callbacks.BackupAndRestore(os.path.join(args.out_dir, "backup"))])
-    final = {name: values[-1] for name, values in history.history.items() if "accuracy" in name}
-    print("validation accuracy: " + ", ".join(
+    final = {name: values[-1] for name, values in history.history.items() if name.endswith("/top1")}
+    print("validation top-1 accuracy: " + ", ".join(
         f"{name[4:]} {value:.4f}" for name, value in sorted(final.items()) if name.startswith("val_")))
 
     paths = export.export_cohort(model.cohort, os.path.join(args.out_dir, "export"))
