@@ -130,10 +130,21 @@ def run_one(data, method, precision, seed):
     return results, train_entropy(cohort, data), seconds
 
 
+def _finished(cfg):
+    """Whether cfg.model_dir holds this run finished: results.json, and as many epochs (a
+    finished run given more --epochs resumes and trains on)."""
+    try:
+        with open(os.path.join(cfg.model_dir, "flags.json")) as f:
+            epochs = json.load(f)["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return epochs == cfg.epochs and os.path.exists(os.path.join(cfg.model_dir, "results.json"))
+
+
 def _train_timed(cfg, task):
     """train_lib.train_cohort, with the seconds it trained added to earlier sessions' ones."""
     seconds_file = os.path.join(cfg.model_dir, "bench_seconds.json")
-    finished_before = os.path.exists(os.path.join(cfg.model_dir, "results.json"))
+    finished_before = _finished(cfg)
     try:
         with open(seconds_file) as f:
             earlier = float(json.load(f)["seconds"])
@@ -238,6 +249,9 @@ def main(argv):
     except UserError as e:  # a flag, file or run folder to fix: one line, as the run scripts
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except train_lib.Interrupted as e:  # SIGINT/SIGTERM: the same command resumes
+        print(f"\n{e}", file=sys.stderr)  # after the progress bar's line
+        sys.exit(128 + e.signum)
 
 
 def run_all():

@@ -62,6 +62,7 @@ def main(argv):
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib import ticker  # noqa: PLC0415
 
     runs, labels = read_runs(FLAGS.runs_dir)
     if not runs:
@@ -69,6 +70,7 @@ def main(argv):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     for ax, (tag, ylabel) in zip(axes, PANELS):
         _draw(ax, runs, tag, labels)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -11,6 +11,11 @@ import glob
 import json
 import os
 import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dml_tf import quiet_start  # noqa: E402
 
 _RUN = re.compile(r"^(?P<method>.+)_seed(?P<seed>\d+)$")
 
@@ -33,11 +38,13 @@ def read_scalars(run_dir):
     epochs keeps their numbers. A resumed run has several event files and may repeat the
     epoch it was stopped in: files are read oldest first, so the later value is kept.
     """
-    import tensorflow as tf  # noqa: PLC0415 (only for reading the event files)
+    quiet_start.quiet()  # TensorFlow only to read the event files, without its start-up lines
+    import tensorflow as tf  # noqa: PLC0415
     by_step = collections.defaultdict(dict)
     # The names hold the creation time in seconds (10 digits): sorted names are chronological.
     for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for record in tf.data.TFRecordDataset(path):  # summary_iterator's documented successor
+            event = tf.compat.v1.Event.FromString(record.numpy())
             for value in event.summary.value:
                 number = (tf.make_ndarray(value.tensor) if value.HasField("tensor")
                           else value.simple_value)

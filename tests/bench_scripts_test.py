@@ -247,31 +247,40 @@ def test_diagnostics_table_is_the_mean_over_seeds_of_the_events(tmp_path):
 
 def test_bench_minutes_add_up_over_the_sessions_that_trained_a_run(tmp_path):
     """A run stopped in one session and finished in the next counts both sessions' seconds;
-    restoring the finished run adds none (train_cohort replaced by timed fakes)."""
-    code = ("import json, os, sys, time; sys.path.insert(0, 'bench')\n"
+    restoring the finished run adds none, training it on to more epochs adds its own
+    (train_cohort replaced by timed fakes that write what a run writes)."""
+    code = ("import dataclasses, json, os, sys, time; sys.path.insert(0, 'bench')\n"
             "import cifar10_subset as b\n"
             "from dml_tf import config as config_lib\n"
             "model_dir = sys.argv[1]\n"
-            "cfg = config_lib.Config(model_dir=model_dir)\n"
-            "def stopped(cfg, task):\n"
-            "    os.makedirs(model_dir, exist_ok=True)\n"
-            "    open(os.path.join(model_dir, 'flags.json'), 'w').write('{}')\n"
-            "    time.sleep(0.6); raise KeyboardInterrupt\n"
-            "def finished(cfg, task):\n"
-            "    time.sleep(0.4); open(os.path.join(model_dir, 'results.json'), 'w').write('{}')\n"
-            "    return 'cohort', {}\n"
-            "b.train_lib.train_cohort = stopped\n"
+            "cfg = config_lib.Config(model_dir=model_dir, epochs=3)\n"
+            "def training(seconds, stop=False):\n"
+            "    def train_cohort(cfg, task):\n"
+            "        os.makedirs(model_dir, exist_ok=True)\n"
+            "        open(os.path.join(model_dir, 'flags.json'), 'w').write(\n"
+            "            json.dumps({'epochs': cfg.epochs}))\n"
+            "        time.sleep(seconds)\n"
+            "        if stop:\n"
+            "            raise KeyboardInterrupt\n"
+            "        open(os.path.join(model_dir, 'results.json'), 'w').write('{}')\n"
+            "        return 'cohort', {}\n"
+            "    return train_cohort\n"
+            "b.train_lib.train_cohort = training(0.6, stop=True)\n"
             "try:\n"
             "    b._train_timed(cfg, None)\n"
             "except KeyboardInterrupt:\n"
             "    pass\n"
             "first = json.load(open(os.path.join(model_dir, 'bench_seconds.json')))['seconds']\n"
-            "b.train_lib.train_cohort = finished\n"
+            "b.train_lib.train_cohort = training(0.4)\n"
             "total = b._train_timed(cfg, None)[2]\n"
-            "b.train_lib.train_cohort = lambda cfg, task: (time.sleep(0.3), ('cohort', {}))[1]\n"
+            "b.train_lib.train_cohort = training(0.3)  # a restore: nothing trained\n"
             "restored = b._train_timed(cfg, None)[2]\n"
-            "print(json.dumps([first, total, restored]))\n")
-    first, total, restored = json.loads(_python(code, str(tmp_path / "dml_seed0")).splitlines()[-1])
+            "b.train_lib.train_cohort = training(0.5)\n"
+            "longer = b._train_timed(dataclasses.replace(cfg, epochs=5), None)[2]\n"
+            "print(json.dumps([first, total, restored, longer]))\n")
+    out = _python(code, str(tmp_path / "dml_seed0")).splitlines()[-1]
+    first, total, restored, longer = json.loads(out)
     assert 0.6 <= first < 3.0
     assert first + 0.4 <= total < first + 3.0
     assert restored == total
+    assert total + 0.5 <= longer < total + 3.0
