@@ -75,8 +75,9 @@ def main(argv):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     seeds = sorted({s for per_method in runs.values() for s in per_method})
-    axes[1].legend(fontsize=8, title=f"mean of seeds {', '.join(map(str, seeds))}"
-                   + (", range shaded" if len(seeds) > 1 else ""), title_fontsize=8)
+    title = (f"mean of seeds {', '.join(map(str, seeds))}, range shaded" if len(seeds) > 1
+             else f"seed {seeds[0]}")
+    axes[1].legend(fontsize=8, title=title, title_fontsize=8)
     fig.suptitle(FLAGS.title or os.path.basename(os.path.normpath(FLAGS.runs_dir)), fontsize=10)
     fig.tight_layout()
     fig.savefig(FLAGS.out)
