@@ -235,11 +235,11 @@ def _run_columns(run, link_base):
 
 
 def describe_position(checkpoint):
-    """'ckpt-220, after epoch 5' or 'ckpt-40, epoch 3 at step 7' (a mid-epoch checkpoint)."""
+    """'ckpt-220, after epoch 5', or 'ckpt-60, epoch 2 at step 16' (saved within an epoch, as
+    the training loop's messages number them)."""
     if checkpoint["step_in_epoch"] == 0 and checkpoint["closed"]:
         return f"{checkpoint['name']}, after epoch {checkpoint['epoch']}"
-    where = f"{checkpoint['name']}, epoch {checkpoint['epoch'] + 1} at step {checkpoint['step_in_epoch']}"
-    return where + ("" if checkpoint["closed"] else " (not yet evaluated)")
+    return f"{checkpoint['name']}, epoch {checkpoint['epoch'] + 1} at step {checkpoint['step_in_epoch']}"
 
 
 def analysis_note(run):

@@ -285,7 +285,7 @@ def test_an_unfinished_run_says_so_in_its_legend(tmp_path):
     fig = analysis.plot_entropy(runs, str(tmp_path / "e.png"))
     assert "dml (unfinished, ckpt-40) · peer1 (tiny)" in _legend_texts(fig)
     text = analysis.captions(runs["dml"])
-    assert "ckpt-40, epoch 2 at step 7 (not yet evaluated), unfinished run" in text
+    assert "ckpt-40, epoch 2 at step 7, unfinished run" in text
 
 
 def test_tsne_legend_names_every_class_or_the_most_frequent(tmp_path):
@@ -434,7 +434,7 @@ def test_a_run_still_training_is_refused_unless_asked(trained_runs, capsys):
     assert analysis.main(["analysis", f"--model_dir={training}", *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: --model_dir={training} has not finished training: its checkpoint is "
-                   "ckpt-3, epoch 2 at step 1 (not yet evaluated), and it is still training or "
+                   "ckpt-3, epoch 2 at step 1, and it is still training or "
                    "was stopped before its last epoch; analyse it once it has finished, or pass "
                    "--allow_unfinished to analyse this checkpoint anyway.")
     assert _files(training) == before

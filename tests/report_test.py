@@ -227,7 +227,7 @@ def test_an_analysis_of_another_checkpoint_is_never_set_beside_the_results(tmp_p
     notes = [line for line in markdown.splitlines() if line.startswith("- ")]
     rerun = "rerun python -m dml_tf.analysis --model_dir="
     assert notes == [
-        f"- midway: its analysis.json is of ckpt-33, epoch 3 at step 7 (not yet evaluated), but "
+        f"- midway: its analysis.json is of ckpt-33, epoch 3 at step 7, but "
         f"the run had not finished then: its entropy (0.5000 / 0.6000 nats) is left out of the "
         f"table; {rerun}{runs[1]}.",
         f"- extended: its analysis.json is of ckpt-80, after epoch 5, but results.json is from "
@@ -239,7 +239,7 @@ def test_an_analysis_of_another_checkpoint_is_never_set_beside_the_results(tmp_p
         f"gone, so which checkpoint results.json is from cannot be told: its entropy "
         f"(1.5000 / 1.8000 nats) is left out of the table; {rerun}{runs[4]}.",
         "- training: no results.json yet (training unfinished).",
-        f"- training: its analysis.json is of ckpt-33, epoch 3 at step 7 (not yet evaluated), but "
+        f"- training: its analysis.json is of ckpt-33, epoch 3 at step 7, but "
         f"there is no results.json to set it beside: its entropy (1.5000 / 1.8000 nats) is left "
         f"out of the table; {rerun}{runs[5]}.",
     ]
