@@ -184,7 +184,7 @@ class _Run:
         for name, value in (("epoch", epoch), ("step_in_epoch", step_in_epoch),
                             ("epoch_means", means.state()), ("closed", closed)):
             self.state[name].assign(value)
-        self.manager.save(checkpoint_number=self.cohort.steps_done)
+        checkpoints.save(self.manager, self.cohort.steps_done)  # a full disk: one sentence
 
     def train(self, schedule):
         """Trains and closes the epochs still to do; returns how many were closed (0: finished)."""

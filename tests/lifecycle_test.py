@@ -214,3 +214,29 @@ def test_kd_run_numbers_checkpoints_and_events_by_the_cohorts_steps(tmp_path):
                      for p in glob.glob(str(kd_dir / "checkpoints" / "ckpt-*.index")))
     assert numbers == [6, 9, 12]  # three kept, one per epoch of 3 steps (the teacher never steps)
     assert _event_steps(str(kd_dir), "train/peer2/loss") == [3, 6, 9, 12]
+
+
+def test_a_full_disk_during_a_runs_checkpoint_is_one_sentence_and_keeps_the_last(tmp_path,
+                                                                                monkeypatch):
+    """The run loop saves through checkpoints.save: ENOSPC at the second epoch's save."""
+    import errno
+
+    data = _npz(tmp_path / "d.npz")
+    run = tmp_path / "run"
+    real_save = tf.train.CheckpointManager.save
+    saves = []
+
+    def save(manager, checkpoint_number=None, **kwargs):
+        saves.append(checkpoint_number)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(manager, checkpoint_number=checkpoint_number, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    with pytest.raises(UserError, match=r"is full .*run the same command to resume from ckpt-6"):
+        train_lib.train_and_evaluate(_config(run, data, epochs=3))
+    monkeypatch.undo()
+    assert sorted(os.listdir(run / "checkpoints")) == [
+        "checkpoint", "ckpt-6.data-00000-of-00001", "ckpt-6.index"]
+    results = train_lib.train_and_evaluate(_config(run, data, epochs=3))  # resumes, finishes
+    assert "test/ensemble/top1" in results
