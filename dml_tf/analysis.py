@@ -683,10 +683,11 @@ def checkpoint_state(model_dir, config, prefix):
 
 
 def _restored_prefix(model_dir, cohort):
-    """The checkpoint restore_cohort loaded: the one named after the optimisers' restored step
-    (the newest intact one, which is not the newest on disk when that one is damaged)."""
+    """The checkpoint restore_cohort loaded: the one named after the cohort's restored step
+    counter (the training loop saves ckpt-N at N steps), which is not the newest on disk when
+    that one is damaged."""
     directory = os.path.join(model_dir, "checkpoints")
-    step = int(cohort.optimizers[0].iterations.numpy())
+    step = cohort.steps_done
     for prefix in checkpoints.prefixes(directory):
         if checkpoints.number(prefix) == step:
             return prefix

@@ -420,6 +420,7 @@ def _unfinished_copy(root, source, name, position):
     checkpoint.epoch.assign(epoch)
     checkpoint.step_in_epoch.assign(step_in_epoch)
     checkpoint.closed.assign(closed)
+    cohort.step_counter.assign(step)  # what the loop names its checkpoints after
     for optimizer in cohort.optimizers:
         optimizer.iterations.assign(step)
     checkpoints.save(checkpoints.manager(checkpoint, str(folder / "checkpoints")), step)
