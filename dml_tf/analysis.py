@@ -38,11 +38,12 @@ def _missing_extra():
     return None
 
 
-if _missing_extra():
+_MISSING = _missing_extra()
+if _MISSING:
     if __name__ == "__main__":
-        print(f"error: {_missing_extra()}", file=sys.stderr)
+        print(f"error: {_MISSING}", file=sys.stderr)
         sys.exit(2)
-    raise ImportError(_missing_extra())
+    raise ImportError(_MISSING)
 
 if __name__ == "__main__":  # Before TensorFlow's import: silence its C++ start-up lines.
     from dml_tf import quiet_start
