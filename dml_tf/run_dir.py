@@ -27,7 +27,8 @@ LOCK_NAME = ".dml_tf.lock"
 # What runs (and analysis) write into a model_dir, so what --overwrite may remove; anything
 # else there (the user's notes, a dataset passed as --data_dir) is never touched.
 RUN_FILES = ("flags.json", "results.json", "analysis.json", "checkpoints", "export")
-RUN_PATTERNS = ("events.out.tfevents.*", "analysis_*.png", "*.json.tmp", "export.tmp-*",
+RUN_PATTERNS = ("events.out.tfevents.*", "analysis_*.png", "analysis_*.md", "*.json.tmp",
+                "export.tmp-*",
                 "export.old-*", "worker_scratch_*")
 # Config fields that may change between a run and its resumption (the settings table's).
 RESUMABLE_CHANGES = config_lib.resumable_settings()
