@@ -18,6 +18,14 @@ class ImagenetTask:
     headline_metrics = ("top1",)  # printed after each evaluation
 
     def __init__(self, source, image_size=imagenet.IMAGE_SIZE):
+        """Args:
+          source: an `imagenet.Source`; TFRecord shards are checked here, before training
+            (`imagenet.check_shards`: both splits present, each shard a TFRecord file whose
+            first record passes the pipelines' checks).
+          image_size: side of the square network inputs, an int or an (S, S) pair.
+        """
+        if source.kind == "tfrecord":
+            imagenet.check_shards(source)
         self.source = source
         self.image_size = imagenet.image_side(image_size)
         self.num_classes = imagenet.NUM_CLASSES
@@ -52,9 +60,10 @@ class ImagenetTask:
         return self
 
     def diagnose(self, error):
-        """Turns a label-range failure of the records (see imagenet.checked_label) into the
-        one-sentence UserError; returns for other errors."""
-        user_error = imagenet.label_error(error)
+        """Turns a failed record check of the pipelines (a record's image missing, not a JPEG
+        or truncated, or its label missing or out of range; see imagenet.record_error) into
+        the one-sentence UserError naming the shard and record; returns for other errors."""
+        user_error = imagenet.record_error(error, self.source)
         if user_error is not None:
             raise user_error from None
 

@@ -6,6 +6,7 @@ exercised under `tfds.testing.mock_data`, and without archives for the error mes
 """
 
 import os
+import re
 import socket
 
 import numpy as np
@@ -39,15 +40,18 @@ def jpeg(image):
     return tf.io.encode_jpeg(image, quality=95).numpy()
 
 
-def example(image, label):
-    """A tf.train.Example with build_imagenet_data.py's features (only two are read)."""
+def example(image, label, drop=(), encoded=None):
+    """A tf.train.Example with build_imagenet_data.py's features (only two are read).
+
+    `drop` leaves features out; `encoded` replaces the JPEG bytes of `image`.
+    """
     def b(v):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
 
     def i(v):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
 
-    return tf.train.Example(features=tf.train.Features(feature={
+    features = {
         "image/height": i(image.shape[0]),
         "image/width": i(image.shape[1]),
         "image/colorspace": b(b"RGB"),
@@ -56,8 +60,10 @@ def example(image, label):
         "image/class/synset": b(b"n01440764"),
         "image/format": b(b"JPEG"),
         "image/filename": b(b"n01440764_10026.JPEG"),
-        "image/encoded": b(jpeg(image)),
-    })).SerializeToString()
+        "image/encoded": b(jpeg(image) if encoded is None else encoded),
+    }
+    return tf.train.Example(features=tf.train.Features(feature={
+        k: v for k, v in features.items() if k not in drop})).SerializeToString()
 
 
 def write_shards(folder, shards=SHARDS, label_shift=0):
@@ -253,8 +259,14 @@ def test_label_offset(tmp_path):
     _, labels = take_all(imagenet.eval_dataset(imagenet.Source(data_dir=str(folder),
                                                                label_offset=0), 4, SIZE))
     assert labels.tolist() == [0, 999]
-    with pytest.raises(tf.errors.InvalidArgumentError, match="label_offset=1"):
-        take_all(imagenet.eval_dataset(imagenet.Source(data_dir=str(folder)), 4, SIZE))
+    one_based = imagenet.Source(data_dir=str(folder))
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        take_all(imagenet.eval_dataset(one_based, 4, SIZE))
+    assert str(imagenet.record_error(err.value, one_based)) == (
+        f"{folder / 'validation-00000-of-00001'}, record 0 (from 0): its label -1 "
+        f"(image/class/label 0 minus label_offset=1) is outside ImageNet's class indices 0..999; "
+        f"build_imagenet_data.py labels are 1..1000 (label_offset=1), shards with 0-based labels "
+        f"need label_offset=0.")
 
 
 def test_num_examples(source, tmp_path):
@@ -345,3 +357,121 @@ def test_bad_batch_size(source):
         imagenet.train_dataset(source, 0, seed=0)
     with pytest.raises(UserError, match="--eval_batch_size=0"):
         imagenet.eval_dataset(source, 0)
+
+
+# --- damaged shards and records -----------------------------------------------------------
+
+def png(image):
+    return tf.io.encode_png(image).numpy()
+
+
+RECORD_FAULTS = {  # fault -> (the record, the words of the message)
+    "truncated jpeg": (
+        lambda image: example(image, 5, encoded=jpeg(image)[:len(jpeg(image)) // 2]),
+        r"its image/encoded is a truncated JPEG \(it stops before its end-of-image marker\); "
+        r"rebuild that shard with build_imagenet_data.py or remove it from "),
+    "png record": (lambda image: example(image, 5, encoded=png(image)),
+                   r"its image/encoded is a PNG image, not a JPEG; rebuild that shard"),
+    "no image/encoded": (lambda image: example(image, 5, drop=("image/encoded",)),
+                         r"it has no image/encoded \(or an empty one\); rebuild that shard"),
+    "no label": (lambda image: example(image, 5, drop=("image/class/label",)),
+                 r"it has no image/class/label; rebuild that shard"),
+    "not a jpeg": (lambda image: example(image, 5, encoded=b"GIF89a..."),
+                   r"its image/encoded is not a JPEG image; rebuild that shard"),
+}
+
+
+def write_records(path, records):
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record)
+    return str(path)
+
+
+def faulty_shards(folder, record, split="train", position=2):
+    """Valid shards (real JPEGs), with `record` at `position` of the split's first shard."""
+    write_shards(folder)
+    images = [pattern(40 + k, 48, k) for k in range(4)]
+    records = [example(image, 3) for image in images]
+    records[position] = record(images[position])
+    shard = folder / f"{split}-00000-of-{'00002' if split == 'train' else '00001'}"
+    return write_records(shard, records)
+
+
+def expected_message(shard, index, words):
+    return rf"^{re.escape(shard)}, record {index} \(from 0\): {words}"
+
+
+# Every fault in the evaluation pipeline; two in the training one, which reads records
+# through the same checks (and costs more to run).
+@pytest.mark.parametrize("fault, split", [(fault, "validation") for fault in sorted(RECORD_FAULTS)]
+                         + [("png record", "train"), ("truncated jpeg", "train")])
+def test_a_bad_record_is_named_by_the_pipelines_and_check_shards(tmp_path, fault, split):
+    record, words = RECORD_FAULTS[fault]
+    source = imagenet.Source(data_dir=str(tmp_path))
+    shard = faulty_shards(tmp_path, record, split)
+    imagenet.check_shards(source)  # the first records are sound
+    with pytest.raises(UserError, match=expected_message(shard, 2, words)):
+        imagenet.check_shards(source, every_record=True)
+    # The pipelines stop at the record with TensorFlow's error, which record_error (the task's
+    # diagnosis) turns into the same sentence.
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        if split == "train":
+            take_all(imagenet.train_dataset(source, 2, seed=0, image_size=8))
+        else:
+            take_all(imagenet.eval_dataset(source, 2, image_size=8))
+    message = str(imagenet.record_error(err.value, source))
+    assert re.match(expected_message(shard, 2, words), message), message
+    assert message.endswith(".") and ". " not in message
+
+
+@pytest.mark.parametrize("fault", sorted(RECORD_FAULTS))
+def test_a_bad_first_record_is_named_before_reading_the_data(tmp_path, fault):
+    record, words = RECORD_FAULTS[fault]
+    shard = faulty_shards(tmp_path, record, "validation", position=0)
+    with pytest.raises(UserError, match=expected_message(shard, 0, words)):
+        imagenet.check_shards(imagenet.Source(data_dir=str(tmp_path)))
+
+
+SHARD_FAULTS = {  # fault -> (the shard's bytes from valid ones, the words of the message)
+    "garbage": (lambda data: b"<html>404 Not Found</html>" * 40,
+                r" is not a complete TFRecord file \(TensorFlow: corrupted record at 0"),
+    "empty": (lambda data: b"", r" holds no records"),
+    "cut short": (lambda data: data[:len(data) - 100],
+                  r" is not a complete TFRecord file \(TensorFlow: truncated record at "),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(SHARD_FAULTS))
+def test_a_damaged_shard_is_named(tmp_path, fault):
+    rewrite, words = SHARD_FAULTS[fault]
+    write_shards(tmp_path)
+    shard = tmp_path / "train-00001-of-00002"
+    shard.write_bytes(rewrite(shard.read_bytes()))
+    source = imagenet.Source(data_dir=str(tmp_path))
+    expected = rf"^{re.escape(str(shard))}{words}.*; rebuild it with build_imagenet_data.py or " \
+               rf"remove it from {re.escape(str(tmp_path))}\.$"
+    if fault != "cut short":  # its first record is whole: only a full read finds the cut
+        with pytest.raises(UserError, match=expected):
+            imagenet.check_shards(source)
+    with pytest.raises(UserError, match=expected):
+        imagenet.check_shards(source, every_record=True)
+    if fault != "empty":  # a count of 0 is no error; the checks above refuse it
+        with pytest.raises(UserError, match=expected):
+            imagenet.num_examples(source, "train")  # counts a smoke-test subset's records
+
+
+def test_a_record_that_is_not_an_example_is_named(tmp_path):
+    write_shards(tmp_path)
+    shard = write_records(tmp_path / "validation-00000-of-00001",
+                          [b"\x00\x01 not a protocol buffer \xff" * 3])
+    with pytest.raises(UserError, match=rf"^{re.escape(shard)}, record 0 \(from 0\): it is not "
+                                        rf"a tf.train.Example with ImageNet's features"):
+        imagenet.check_shards(imagenet.Source(data_dir=str(tmp_path)))
+
+
+def test_check_shards_passes_sound_shards_and_counts_nothing_twice(shard_dir):
+    source = imagenet.Source(data_dir=str(shard_dir))
+    imagenet.check_shards(source)
+    imagenet.check_shards(source, every_record=True)
+    assert imagenet.num_examples(source, "train") == 8

@@ -18,10 +18,14 @@ PIXELS = np.random.default_rng(0).integers(0, 256, (40, 24, 3), dtype=np.uint8)
 BASELINE = tf.io.encode_jpeg(PIXELS, quality=90).numpy()
 
 
-def progressive():
+def pillow(image, **options):
     out = io.BytesIO()
-    Image.fromarray(PIXELS).save(out, "JPEG", progressive=True)
+    Image.fromarray(image).save(out, "JPEG", **options)
     return out.getvalue()
+
+
+def progressive():
+    return pillow(PIXELS, progressive=True)
 
 
 def with_exif_thumbnail():
@@ -35,6 +39,11 @@ def with_exif_thumbnail():
 CASES = {  # name -> (bytes, expected code)
     "baseline": (BASELINE, jpeg.OK),
     "bytes after the end-of-image marker": (BASELINE + b"\0" * 64 + b"trailer", jpeg.OK),
+    # Appended data with an FF DA pair that is no scan header (e.g. a video or a maker's
+    # trailer): TensorFlow decodes the image, so it is not refused as truncated.
+    "FF DA in appended data": (BASELINE + b"\x00\xff\xda\x12\x34 appended" * 3, jpeg.OK),
+    "greyscale": (pillow(PIXELS[..., 0]), jpeg.OK),
+    "greyscale, cut": (pillow(PIXELS[..., 0])[:-100], jpeg.TRUNCATED),
     "progressive": (progressive(), jpeg.OK),
     "exif thumbnail": (with_exif_thumbnail(), jpeg.OK),
     "cut in the scan": (BASELINE[:len(BASELINE) // 2], jpeg.TRUNCATED),

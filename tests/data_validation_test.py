@@ -359,20 +359,41 @@ def test_market_queries_the_protocol_cannot_score(market):
 
 def test_imagenet_label_out_of_range_is_one_sentence(tmp_path):
     # 0-based labels read with build_imagenet_data.py's label_offset=1: label 0 becomes -1.
-    folder = write_shards(tmp_path / "shards", {"train-00000-of-00001": [(40, 40, 3), (40, 40, 0)],
-                                                "validation-00000-of-00001": [(40, 40, 1001)]})
+    folder = write_shards(tmp_path / "shards",
+                          {"train-00000-of-00001": [(40, 40, 3), (40, 40, 0)],
+                           "validation-00000-of-00001": [(40, 40, 11), (40, 40, 1001)]})
     from dml_tf import imagenet_task
     task = imagenet_task.ImagenetTask(imagenet.Source(data_dir=str(folder)), image_size=16)
     with pytest.raises(UserError) as err:
         for _ in tasks.diagnosed(task, task.train_dataset(batch_size=1, seed=0)):
             pass
     message = one_sentence(err)
-    assert message.startswith("A record has label -1, outside ImageNet's class indices 0..999")
-    assert str(folder) in message and "label_offset=0" in message
+    assert message.startswith(f"{folder / 'train-00000-of-00001'}, record 1 (from 0): its label "
+                              f"-1 (image/class/label 0 minus label_offset=1) is outside "
+                              f"ImageNet's class indices 0..999")
+    assert "label_offset=0" in message
     # Evaluation reads the validation shards the same way: 1001 - 1 = 1000 is out of range.
     uniform = types.SimpleNamespace(predict=lambda x: [tf.fill([tf.shape(x)[0], 1000], 1e-3)])
-    with pytest.raises(UserError, match=r"^A record has label 1000, outside"):
+    with pytest.raises(UserError, match=rf"^{re.escape(str(folder))}/validation-00000-of-00001, "
+                                        rf"record 1 \(from 0\): its label 1000 "):
         task.evaluate(uniform, batch_size=1)
+
+
+def test_imagenet_shards_are_checked_before_training(tmp_path):
+    # A first record out of range, a garbage shard: the task is refused as it is made.
+    folder = write_shards(tmp_path / "shards", {"train-00000-of-00001": [(40, 40, 3)],
+                                                "validation-00000-of-00001": [(40, 40, 1001)]})
+    from dml_tf import imagenet_task
+    source = imagenet.Source(data_dir=str(folder))
+    with pytest.raises(UserError) as err:
+        imagenet_task.ImagenetTask(source, image_size=16)
+    assert one_sentence(err).startswith(f"{folder / 'validation-00000-of-00001'}, record 0 "
+                                        f"(from 0): its label 1000 ")
+    (folder / "validation-00000-of-00001").write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(UserError) as err:
+        imagenet_task.ImagenetTask(source, image_size=16)
+    assert one_sentence(err).startswith(f"{folder / 'validation-00000-of-00001'} is not a "
+                                        f"complete TFRecord file (TensorFlow: corrupted record")
 
 
 def test_a_truncated_npz_is_named(tmp_path):

@@ -1,6 +1,7 @@
 """ImageNet end to end on TFRecord shards in the build_imagenet_data.py layout."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -38,3 +39,25 @@ def test_imagenet_run_trains_evaluates_and_exports(tmp_path):
 def test_missing_shards_are_one_sentence(tmp_path):
     with pytest.raises(UserError, match="--data_dir"):
         train_lib.train_and_evaluate(_config(tmp_path / "run", tmp_path / "nowhere"))
+
+
+def test_a_png_record_is_named_when_the_run_reads_it(tmp_path):
+    from data_imagenet_test import RECORD_FAULTS, faulty_shards
+    record, _ = RECORD_FAULTS["png record"]
+    shard = faulty_shards(tmp_path / "shards", record, "validation")
+    with pytest.raises(UserError, match=rf"^{re.escape(shard)}, record 2 \(from 0\): its "
+                                        rf"image/encoded is a PNG image, not a JPEG; rebuild "
+                                        rf"that shard with build_imagenet_data.py"):
+        train_lib.train_and_evaluate(_config(tmp_path / "run", tmp_path / "shards",
+                                             export=False))
+
+
+def test_a_garbage_shard_stops_the_run_before_training(tmp_path):
+    shards = write_shards(tmp_path / "shards")
+    garbage = shards / "train-00001-of-00002"
+    garbage.write_bytes(b"PK\x03\x04 a zip file, not a TFRecord file" * 20)
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"^{re.escape(str(garbage))} is not a complete "
+                                        rf"TFRecord file \(TensorFlow: corrupted record at 0"):
+        train_lib.train_and_evaluate(_config(run, shards))
+    assert not [p for p in run.rglob("*") if p.name.startswith("ckpt")]

@@ -28,6 +28,13 @@ Pipelines (paper Sec. 4.4 trains MobileNet and InceptionV1 with Inception prepro
 * both: pixels scaled from [0, 255] to [-1, 1], what Keras' MobileNet and Inception
   networks expect. `preprocess_uint8` is the eval transform alone, for serving signatures.
 
+Every record is checked as it is read, before decoding (`_checked_record`): an image that is
+missing, empty, a PNG, not a JPEG or a truncated JPEG (`dml_tf.data.jpeg`), and a label that
+is missing or outside 0..999, stop the pipeline with an error that `record_error` turns into
+one sentence naming the shard and the record. `check_shards` runs the same checks on the
+first record of every shard (or every record), and names a file that is not a TFRecord file
+or holds no record; the ImageNet task runs it before training.
+
 Randomness is seeded and stateless, as in `dml_tf.data.pipeline`: the shard order, the
 shuffle buffer and `tf.data.Dataset.random` (one crop-and-flip seed per example) all start
 from `seed`, and every interleave and map keeps its order, so the same seed gives the same
@@ -42,6 +49,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from dml_tf.data import jpeg
 from dml_tf.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -67,9 +75,12 @@ CYCLE_LENGTH = 16
 SHUFFLE_BUFFER = 10_000
 _READ_BUFFER_BYTES = 8 << 20
 
+# Defaults instead of parse errors, so that a record missing a feature is named (see
+# `_checked_record`): an empty image, and a label no shard holds.
+_NO_LABEL = -(2 ** 63)
 _FEATURES = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+    "image/encoded": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64, default_value=_NO_LABEL),
 }
 
 
@@ -144,9 +155,16 @@ def list_shards(data_dir, split):
     return [os.path.join(data_dir, entry) for _, _, entry in sorted(found)]
 
 
-def _count_records(files):
-    ds = tf.data.TFRecordDataset(files, buffer_size=_READ_BUFFER_BYTES)
-    return int(ds.reduce(np.int64(0), lambda count, _: count + 1))
+def _count_records(shards, data_dir):
+    """Records in all `shards`, one shard at a time so that a damaged one is named."""
+    total = 0
+    for shard in shards:
+        ds = tf.data.TFRecordDataset(shard, buffer_size=_READ_BUFFER_BYTES)
+        try:
+            total += int(ds.reduce(np.int64(0), lambda count, _: count + 1))
+        except tf.errors.DataLossError as e:
+            raise _damaged_shard(shard, data_dir, e) from None
+    return total
 
 
 def num_examples(source, split):
@@ -170,7 +188,7 @@ def num_examples(source, split):
         if (len(shards) == STANDARD_SHARDS[split]
                 and shards[0].endswith(f"-of-{STANDARD_SHARDS[split]:05d}")):
             return NUM_EXAMPLES[split]
-        return _count_records(shards)
+        return _count_records(shards, source.data_dir)
     builder = _tfds_builder(source)
     try:
         if builder.is_prepared():
@@ -238,11 +256,28 @@ def _tfds_records(source, split, shuffle_seed=None, input_context=None):
             raise
         _prepare(builder)
         ds = builder.as_dataset(**kwargs)
-    what = f"tensorflow-datasets {TFDS_NAME} in {builder.data_dir_root}; re-prepare it"
-    return ds.map(lambda image, label: (image, checked_label(tf.cast(label, tf.int64), what)))
+    return ds.map(lambda image, label: _checked_record(image, tf.cast(label, tf.int64), 0))
 
 
 # ---------------------------------------------------------------------- TFRecords
+
+
+def _read_shard(shard, buffer_size=_READ_BUFFER_BYTES):
+    """(shard path, record index, serialized record) of every record of one shard."""
+    records = tf.data.TFRecordDataset(shard, buffer_size=buffer_size)
+    # zip, not enumerate().map(): no function to set up per shard (5x faster to open one).
+    return tf.data.Dataset.zip(tf.data.Dataset.from_tensors(shard).repeat(),
+                               tf.data.Dataset.counter(), records)
+
+
+def _parse(offset):
+    """shard, index, record -> (JPEG bytes, 0-based label), checked by `_checked_record`."""
+    def parse(shard, index, record):
+        example = tf.io.parse_single_example(record, _FEATURES)
+        return _checked_record(example["image/encoded"], example["image/class/label"], offset,
+                               shard, index)
+
+    return parse
 
 
 def _tfrecord_records(source, split, shuffle_seed=None, input_context=None):
@@ -257,65 +292,194 @@ def _tfrecord_records(source, split, shuffle_seed=None, input_context=None):
     if shuffle_seed is None:
         # Evaluation keeps the file order: one shard after the other. Decoding, not
         # reading, is the bottleneck, and it runs in parallel in the map that follows.
-        ds = files.flat_map(
-            lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES))
+        ds = files.flat_map(_read_shard)
     else:
         files = files.shuffle(len(shards), seed=shuffle_seed, reshuffle_each_iteration=True)
         # deterministic=True: with a fixed seed the record order must not depend on which
         # reader thread finishes first.
-        ds = files.interleave(
-            lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES),
-            cycle_length=min(CYCLE_LENGTH, len(shards)), block_length=1,
-            num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = files.interleave(_read_shard, cycle_length=min(CYCLE_LENGTH, len(shards)),
+                              block_length=1, num_parallel_calls=AUTOTUNE, deterministic=True)
     if input_context is not None and input_context.num_input_pipelines > 1 and not per_file:
         # Fewer shards than input pipelines: split the records instead.
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    offset = source.label_offset
-    advice = (f"image/class/label minus label_offset={offset} in {source.data_dir}; "
-              f"build_imagenet_data.py labels are 1..1000 (label_offset=1), 0-based shards need "
-              f"label_offset=0")
-
-    def parse(record):
-        example = tf.io.parse_single_example(record, _FEATURES)
-        return example["image/encoded"], checked_label(example["image/class/label"] - offset,
-                                                       advice)
-
-    return ds.map(parse, num_parallel_calls=AUTOTUNE)
+    return ds.map(_parse(source.label_offset), num_parallel_calls=AUTOTUNE)
 
 
-LABEL_RANGE_ERROR = "ImageNet label outside 0..999"
+# -------------------------------------------------------------------- record checks
+
+# A record's problem: `jpeg.problem`'s codes for its image, then these two for its label.
+NO_LABEL, LABEL_OUT_OF_RANGE = 5, 6
+RECORD_ERROR = "dml_tf: bad ImageNet record"
+_RECORD_ERROR_FIELDS = re.compile(
+    rf"{RECORD_ERROR} <<\] \[(.*)\] \[>>\] \[(-?\d+)\] \[(\d+)\] \[(-?\d+)\]", re.S)
 
 
-def checked_label(label, what):
-    """`label`, after an assertion that it is a class index 0..999 (checked as it is read).
+def _checked_record(image_bytes, stored_label, offset, shard="", index=-1):
+    """(image bytes, stored_label - offset), checked as they are read, before decoding.
+
+    An assertion fails for an image that is missing, empty, not a JPEG or truncated
+    (`jpeg.problem`) and for a label that is missing or outside 0..999; its message carries
+    `RECORD_ERROR`, the shard, the record index, the problem and the stored label, which
+    `record_error` turns into one sentence.
 
     Args:
-        label: int64 scalar tensor.
-        what: where the label comes from and how to fix it, for the error message.
-
-    Returns:
-        `label`; reading it fails with an InvalidArgumentError whose message holds
-        `LABEL_RANGE_ERROR`, `what` and the label when it is out of range (see
-        `label_error`).
+        image_bytes: scalar string tensor, `image/encoded`.
+        stored_label: int64 scalar, the label as stored (`_NO_LABEL` when absent).
+        offset: subtracted from the stored label (`Source.label_offset`; 0 for tfds).
+        shard: the shard's path ("" for tfds, whose records have no file of their own).
+        index: the record's position in its shard, from 0 (-1 for tfds).
     """
-    in_range = tf.logical_and(label >= 0, label < NUM_CLASSES)
+    code = _record_problem(image_bytes, stored_label, offset)
     # Explicit: inside tf.data's graph functions a bare Assert need not run.
     with tf.control_dependencies([tf.debugging.Assert(
-            in_range, [f"{LABEL_RANGE_ERROR} ({what}). Label:", label])]):
-        return tf.identity(label)
+            tf.equal(code, jpeg.OK),
+            [f"{RECORD_ERROR} <<", shard, ">>", tf.cast(index, tf.int64), code, stored_label])]):
+        return tf.identity(image_bytes), tf.identity(stored_label - offset)
 
 
-def label_error(error):
-    """The one-sentence UserError for a `checked_label` failure, or None for other errors.
+def _record_problem(image_bytes, stored_label, offset):
+    """`jpeg.OK` or what is wrong with records (elementwise): a `jpeg.problem` code for the
+    image, else `NO_LABEL` or `LABEL_OUT_OF_RANGE` (stored_label - offset outside 0..999)."""
+    stored_label = tf.convert_to_tensor(stored_label, tf.int64)
+    label = stored_label - offset
+    code = jpeg.problem(image_bytes)
+    code = tf.where(tf.equal(code, jpeg.OK) & tf.equal(stored_label, _NO_LABEL), NO_LABEL, code)
+    return tf.where(tf.equal(code, jpeg.OK) & ((label < 0) | (label >= NUM_CLASSES)),
+                    LABEL_OUT_OF_RANGE, code)
+
+
+def _problem_words(code, stored_label, source):
+    """What is wrong with a record, and what to do, for `record_error`."""
+    fix = (f"rebuild that shard with build_imagenet_data.py or remove it from {source.data_dir}"
+           if source.kind == "tfrecord" else "re-prepare the dataset")
+    if code == jpeg.EMPTY:
+        return f"it has no image/encoded (or an empty one); {fix}"
+    if code in (jpeg.PNG, jpeg.NOT_JPEG, jpeg.TRUNCATED):
+        return f"its image/encoded {jpeg.PROBLEMS[code]}; {fix}"
+    if code == NO_LABEL:
+        return f"it has no image/class/label; {fix}"
+    if source.kind == "tfds":
+        return (f"its label {stored_label} is outside ImageNet's class indices "
+                f"0..{NUM_CLASSES - 1}; {fix}")
+    offset = source.label_offset
+    return (f"its label {stored_label - offset} (image/class/label {stored_label} minus "
+            f"label_offset={offset}) is outside ImageNet's class indices 0..{NUM_CLASSES - 1}; "
+            f"build_imagenet_data.py labels are 1..1000 (label_offset=1), shards with 0-based "
+            f"labels need label_offset=0")
+
+
+def record_error(error, source):
+    """The one-sentence UserError for a failed record check, or None for other errors.
 
     Args:
-        error: a `tf.errors.OpError` raised while reading a pipeline.
+        error: a `tf.errors.OpError` raised while reading a pipeline of `source`.
+        source: the `Source` the pipeline reads.
+
+    Returns:
+        A UserError naming the shard and record (TFRecords) or the tfds folder, what is
+        wrong and what to do; or None when `error` is not from `_checked_record`.
     """
-    match = re.search(rf"{LABEL_RANGE_ERROR} \((.*?)\)\. Label:\D*?(-?\d+)", error.message, re.S)
+    match = _RECORD_ERROR_FIELDS.search(error.message)
     if match is None:
         return None
-    return UserError(f"A record has label {match.group(2)}, outside ImageNet's class indices "
-                     f"0..{NUM_CLASSES - 1}: {match.group(1)}.")
+    shard, index, code, stored_label = match.group(1), *map(int, match.groups()[1:])
+    if shard:
+        where = f"{shard}, record {index} (from 0)"
+    else:
+        where = (f"A record of tensorflow-datasets {TFDS_NAME} in "
+                 f"{_tfds_builder(source).data_dir_root}")
+    return UserError(f"{where}: {_problem_words(code, stored_label, source)}.")
+
+
+def _tf_reason(error):
+    """The last line of TensorFlow's message, without its function, node and op names (a
+    graph's error adds the Python stack where the op was built)."""
+    message = re.sub(r"\{\{function_node [^}]*\}\}|\s*\[\[\{\{node [^]]*\]\]", "",
+                     error.message)
+    message = re.sub(r"\s*\[Op:.*", "", message, flags=re.S).strip()
+    return message.splitlines()[-1].strip().rstrip(".") if message else type(error).__name__
+
+
+def _damaged_shard(shard, data_dir, error):
+    return UserError(f"{shard} is not a complete TFRecord file (TensorFlow: {_tf_reason(error)}); "
+                     f"rebuild it with build_imagenet_data.py or remove it from {data_dir}.")
+
+
+def check_shards(source, every_record=False):
+    """Reads every TFRecord shard of both splits and names the first bad one.
+
+    By default only each shard's first record: a file that is not a TFRecord file, an
+    empty shard, or a first record that fails the checks of the pipelines (e.g. a shard
+    of another dataset) is found in one pass of a few milliseconds per shard;
+    `ImagenetTask` runs it before training. With `every_record`, every record is read and
+    checked (a pass over all the data without decoding), which also finds a shard
+    truncated in the middle.
+
+    Args:
+        source: a `Source` of TFRecords.
+        every_record: read every record instead of the first of each shard.
+
+    Raises:
+        UserError: a split has no shards, or a shard is empty, not a (complete) TFRecord
+            file, or holds a record that fails the checks; one sentence naming the shard
+            (and the record).
+    """
+    limit = -1 if every_record else 1
+    for split in SPLITS:
+        shards = list_shards(source.data_dir, split)
+        # One pipeline for all shards: a dataset per shard costs milliseconds to set up.
+        records = tf.data.Dataset.from_tensor_slices(shards).flat_map(
+            lambda shard: _read_shard(shard, buffer_size=1 << 18).take(limit))
+        seen = set()
+        try:
+            for batch in records.batch(256):
+                seen.update(_check_records(source, *(t.numpy() for t in batch)))
+        except tf.errors.DataLossError as e:
+            raise _find_damaged_shard(shards, limit, source.data_dir, e) from None
+        for shard in shards:
+            if shard.encode() not in seen:
+                raise UserError(f"{shard} holds no records; rebuild it with "
+                                f"build_imagenet_data.py or remove it from {source.data_dir}.")
+
+
+def _check_records(source, shards, indices, records):
+    """The pipelines' checks of a batch of serialized records; returns the shards seen."""
+    try:
+        example = tf.io.parse_example(records, _FEATURES)
+    except tf.errors.InvalidArgumentError:
+        for shard, index, record in zip(shards, indices, records):
+            try:
+                tf.io.parse_single_example(record, _FEATURES)
+            except tf.errors.InvalidArgumentError as e:
+                raise UserError(f"{shard.decode()}, record {index} (from 0): it is not a "
+                                f"tf.train.Example with ImageNet's features (TensorFlow: "
+                                f"{_tf_reason(e)}); rebuild that shard with "
+                                f"build_imagenet_data.py or remove it from "
+                                f"{source.data_dir}.") from None
+        raise
+    labels = example["image/class/label"].numpy()
+    codes = _record_problem(example["image/encoded"], labels, source.label_offset).numpy()
+    bad = np.flatnonzero(codes != jpeg.OK)
+    if bad.size:
+        i = bad[0]
+        raise UserError(f"{shards[i].decode()}, record {indices[i]} (from 0): "
+                        f"{_problem_words(int(codes[i]), int(labels[i]), source)}.")
+    return set(shards.tolist())
+
+
+def _find_damaged_shard(shards, limit, data_dir, error):
+    """The UserError naming the shard behind a DataLossError of a pipeline over `shards`."""
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    def read(shard):  # traced once for all the shards
+        return tf.data.TFRecordDataset(shard).take(limit).reduce(np.int64(0), lambda n, _: n + 1)
+
+    for shard in shards:
+        try:
+            read(shard)
+        except tf.errors.DataLossError as e:
+            return _damaged_shard(shard, data_dir, e)
+    return UserError(f"A TFRecord shard in {data_dir} is damaged (TensorFlow: "
+                     f"{_tf_reason(error)}); rebuild it with build_imagenet_data.py.")
 
 
 def _records(source, split, shuffle_seed=None, input_context=None):

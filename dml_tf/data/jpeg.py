@@ -9,11 +9,13 @@ record (ImageNet) where they first read it:
 * an empty file, or a record without image bytes;
 * a PNG (or any other format) under a JPEG's name: it does not start with the JPEG
   start-of-image marker FF D8 FF (`tf.image.is_jpeg`);
-* a truncated JPEG: the last of its start-of-scan (FF DA) and end-of-image (FF D9) markers
-  is not an end-of-image. TensorFlow refuses a JPEG without its end-of-image marker, but
-  decodes one with bytes after it; and neither marker can occur inside the compressed
-  data (its FF bytes are stuffed), so an embedded EXIF thumbnail's FF D9 before the main
-  image's scan does not hide the truncation of the main image.
+* a truncated JPEG: no end-of-image marker (FF D9) follows its last start-of-scan header.
+  TensorFlow refuses a JPEG without its end-of-image marker, but decodes one with bytes
+  after it. Neither marker can occur inside the compressed data (its FF bytes are stuffed),
+  so an embedded EXIF thumbnail's FF D9, before the main image's scan, does not hide the
+  truncation of the main image. A scan header is matched whole (FF DA, its length 6 + 2n,
+  its n = 1..4 components): an FF DA pair in data appended after the image (which
+  TensorFlow ignores) is not taken for one, so such a file is not refused.
 
 A JPEG damaged inside (flipped bits) passes and fails at decoding; a full decode finds it.
 """
@@ -31,14 +33,20 @@ PROBLEMS = (
 )
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_START_OF_SCAN, _END_OF_IMAGE = b"\xff\xda", b"\xff\xd9"
+_END_OF_IMAGE = b"\xff\xd9"
+# Start-of-scan headers: FF DA, length 6 + 2n (2 bytes), n components (1..4).
+_SCAN_HEADERS = tuple(b"\xff\xda" + (6 + 2 * n).to_bytes(2, "big") + bytes([n])
+                      for n in range(1, 5))
 
 
 def _ends_with_end_of_image(flat):
-    """Whether the last start-of-scan / end-of-image marker of each string is end-of-image."""
+    """Whether an end-of-image marker follows the last scan header, for each string."""
     pieces = tf.strings.split(flat, sep=_END_OF_IMAGE)  # ragged [N, pieces]; a row has >= 1
+    # What follows the last end-of-image marker: nothing, in most files.
     after_last = tf.gather(pieces.flat_values, pieces.row_limits() - 1)
-    scan_after = tf.strings.split(after_last, sep=_START_OF_SCAN).row_lengths() > 1
+    scan_after = tf.zeros_like(after_last, tf.bool)
+    for header in _SCAN_HEADERS:
+        scan_after |= tf.strings.split(after_last, sep=header).row_lengths() > 1
     return (pieces.row_lengths() > 1) & ~scan_after
 
 
