@@ -61,8 +61,9 @@ class ImagenetTask:
 
     def diagnose(self, error):
         """Turns a failed record check of the pipelines (a record's image missing, not a JPEG
-        or truncated, or its label missing or out of range; see imagenet.record_error) into
-        the one-sentence UserError naming the shard and record; returns for other errors."""
+        or truncated, or its label missing or out of range) into the one-sentence UserError
+        naming the shard and record, and a shard's read error into one naming the folder
+        (imagenet.record_error); returns for other errors."""
         user_error = imagenet.record_error(error, self.source)
         if user_error is not None:
             raise user_error from None

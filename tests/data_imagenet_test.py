@@ -475,3 +475,19 @@ def test_check_shards_passes_sound_shards_and_counts_nothing_twice(shard_dir):
     imagenet.check_shards(source)
     imagenet.check_shards(source, every_record=True)
     assert imagenet.num_examples(source, "train") == 8
+
+
+def test_a_shard_cut_short_during_a_run_names_the_folder(tmp_path):
+    write_shards(tmp_path)
+    shard = tmp_path / "validation-00000-of-00001"
+    shard.write_bytes(shard.read_bytes()[:-100])  # its last record cut short
+    source = imagenet.Source(data_dir=str(tmp_path))
+    with pytest.raises(tf.errors.DataLossError) as err:
+        take_all(imagenet.eval_dataset(source, 2, image_size=8))
+    message = str(imagenet.record_error(err.value, source))
+    assert message.startswith(f"A TFRecord shard in {tmp_path} is damaged (TensorFlow: truncated "
+                              f"record at ")
+    assert "check_shards(" in message and message.endswith(".") and ". " not in message
+    # The check it points to names the shard.
+    with pytest.raises(UserError, match=f"^{re.escape(str(shard))} is not a complete TFRecord"):
+        imagenet.check_shards(source, every_record=True)

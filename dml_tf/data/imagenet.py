@@ -369,7 +369,7 @@ def _problem_words(code, stored_label, source):
 
 
 def record_error(error, source):
-    """The one-sentence UserError for a failed record check, or None for other errors.
+    """The one-sentence UserError for a failed record check or a damaged shard, or None.
 
     Args:
         error: a `tf.errors.OpError` raised while reading a pipeline of `source`.
@@ -377,8 +377,15 @@ def record_error(error, source):
 
     Returns:
         A UserError naming the shard and record (TFRecords) or the tfds folder, what is
-        wrong and what to do; or None when `error` is not from `_checked_record`.
+        wrong and what to do; for a TFRecord read error (a shard cut short, which the
+        pipeline's message does not name), the folder and how to find the shard; None
+        for other errors.
     """
+    if isinstance(error, tf.errors.DataLossError) and source.kind == "tfrecord":
+        return UserError(f"A TFRecord shard in {source.data_dir} is damaged (TensorFlow: "
+                         f"{_tf_reason(error)}); dml_tf.data.imagenet.check_shards(Source("
+                         f"data_dir=...), every_record=True) names it, then rebuild it with "
+                         f"build_imagenet_data.py or remove it.")
     match = _RECORD_ERROR_FIELDS.search(error.message)
     if match is None:
         return None
