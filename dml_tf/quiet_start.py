@@ -13,8 +13,10 @@ and what removes each line (measured on this project's CPU machines):
   TF_CPP_MIN_LOG_LEVEL=1 removes.
 * ``E ... cuda_platform.cc:52] failed call to cuInit: ... UNKNOWN ERROR (303)``: an error
   about the missing GPU driver at the first op. CUDA_VISIBLE_DEVICES does not avoid the call
-  (empty or -1, cuInit still runs); TF_ENABLED_DEVICE_TYPES=CPU does, and is harmless only
-  where no accelerator exists, so it is set only then.
+  (empty or -1, cuInit still runs); TF_ENABLED_DEVICE_TYPES=CPU does. It is set where no
+  accelerator exists, and where the user hid the GPUs (CUDA_VISIBLE_DEVICES or
+  HIP_VISIBLE_DEVICES empty or -1, each GPU platform either hidden so or without a device)
+  on a machine without a TPU: CPU-only is then what they asked for.
 """
 
 import contextlib
@@ -27,8 +29,12 @@ import threading
 # What TF_CPP_MIN_LOG_LEVEL becomes unless the user set it: 1 drops INFO, keeps warnings and
 # errors.
 DEFAULT_MIN_LOG_LEVEL = "1"
-# Device nodes of the accelerators TensorFlow could use (NVIDIA, ROCm, TPU).
-_ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*")
+# Each GPU platform TensorFlow could use: the variable that picks its devices, their nodes.
+_GPU_PLATFORMS = (("CUDA_VISIBLE_DEVICES", ("/dev/nvidia[0-9]*",)),
+                  ("HIP_VISIBLE_DEVICES", ("/dev/kfd",)))
+_TPU_DEVICES = ("/dev/accel[0-9]*",)
+# Values of a *_VISIBLE_DEVICES variable that hide every GPU of its platform.
+_NO_GPU = ("", "-1")
 # An absl-formatted line: severity letter, MMDD, time (absl prints 00:00:<epoch seconds> before
 # InitializeLog), thread id, file:line].
 _LOG_LINE = re.compile(rb"^([IWEF])\d{4} [\d:.]+\s+\d+ [^\]]+\] ")
@@ -39,17 +45,31 @@ _ABSL_BANNER = b"WARNING: All log messages before absl::InitializeLog() is calle
 def configure_environment(environ=os.environ):
     """Sets the environment TensorFlow reads at its import; a value the user set is kept."""
     environ.setdefault("TF_CPP_MIN_LOG_LEVEL", DEFAULT_MIN_LOG_LEVEL)
-    user_chose_devices = any(name in environ for name in (
-        "TF_ENABLED_DEVICE_TYPES", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"))
-    if not user_chose_devices and not has_accelerator():
-        # Without a device TensorFlow could use, skipping its GPU platform only skips cuInit's
-        # error about the missing driver.
+    if "TF_ENABLED_DEVICE_TYPES" in environ:
+        return
+    if not any(variable in environ for variable, _ in _GPU_PLATFORMS):
+        cpu_only = not has_accelerator()
+    else:
+        cpu_only = gpus_hidden(environ) and not _exists(_TPU_DEVICES)
+    if cpu_only:
+        # Without a device TensorFlow could (or may) use, skipping its GPU platform only skips
+        # cuInit's error about the missing or hidden driver.
         environ["TF_ENABLED_DEVICE_TYPES"] = "CPU"
+
+
+def gpus_hidden(environ=os.environ):
+    """Whether every GPU platform is hidden by its variable (empty or -1) or has no device."""
+    return all(environ[variable].strip() in _NO_GPU if variable in environ else not _exists(nodes)
+               for variable, nodes in _GPU_PLATFORMS)
 
 
 def has_accelerator():
     """Whether this machine has a GPU or TPU device node."""
-    return any(glob.glob(pattern) for pattern in _ACCELERATOR_DEVICES)
+    return _exists(_TPU_DEVICES + tuple(n for _, nodes in _GPU_PLATFORMS for n in nodes))
+
+
+def _exists(patterns):
+    return any(glob.glob(pattern) for pattern in patterns)
 
 
 def quiet():
