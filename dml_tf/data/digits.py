@@ -3,11 +3,32 @@
 1797 real 8x8 grey images (values 0..16, 10 classes) ship inside scikit-learn's wheel, so
 they load without network. They are scaled to 0..255, upsampled bilinearly to 32x32 and
 repeated over 3 channels so that every CIFAR network and pipeline runs on them unchanged.
+
+Needs the quickstart extra (scikit-learn): pip install "dml_tf[quickstart]".
 """
+
+import importlib.util
 
 import numpy as np
 
 from dml_tf.data import ImageData
+from dml_tf.errors import UserError
+
+
+class MissingExtraError(UserError, ImportError):
+    """scikit-learn is not installed: an ImportError, and one sentence for the run scripts."""
+
+
+def _has_sklearn():
+    try:
+        return importlib.util.find_spec("sklearn") is not None
+    except ValueError:  # in sys.modules as None: deliberately hidden
+        return False
+
+
+if not _has_sklearn():
+    raise MissingExtraError("dml_tf.data.digits needs the quickstart extra (scikit-learn is not "
+                            'installed): pip install "dml_tf[quickstart]"')
 
 SIZE = 32
 TEST_FRACTION = 0.2
