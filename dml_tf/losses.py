@@ -5,7 +5,12 @@ No function here stops gradients: which side of a divergence is a constant targe
 the calling method's decision (paper Sec. 3: a peer's loss changes only its own weights).
 """
 
+from collections.abc import Iterable
+
 import tensorflow as tf
+
+# What the functions take: tensors, numpy arrays or Python numbers (anything tf.convert_to_tensor reads).
+TensorLike = tf.types.experimental.TensorLike
 
 
 def _masked_mean(per_example, mask):
@@ -20,7 +25,8 @@ def _masked_mean(per_example, mask):
     return tf.math.divide_no_nan(tf.reduce_sum(per_example * mask), tf.reduce_sum(mask))
 
 
-def cross_entropy(labels, logits, *, label_smoothing=0.0, mask=None):
+def cross_entropy(labels: TensorLike, logits: TensorLike, *, label_smoothing: float = 0.0,
+                  mask: TensorLike | None = None) -> tf.Tensor:
     """Softmax cross-entropy, mean over the batch (or over examples with mask 1).
 
     Args:
@@ -41,7 +47,8 @@ def cross_entropy(labels, logits, *, label_smoothing=0.0, mask=None):
     return _masked_mean(per_example, mask)
 
 
-def kl_divergence(target_probs, logits, *, mask=None):
+def kl_divergence(target_probs: TensorLike, logits: TensorLike, *,
+                  mask: TensorLike | None = None) -> tf.Tensor:
     """KL(p_target ‖ softmax(logits)) = Σ_m p^m (log p^m − log q^m), mean over the batch.
 
     Terms with p^m = 0 contribute 0 (the limit of p log p), so one-hot targets are fine.
@@ -61,7 +68,7 @@ def kl_divergence(target_probs, logits, *, mask=None):
     return _masked_mean(per_example, mask)
 
 
-def entropy(logits, *, mask=None):
+def entropy(logits: TensorLike, *, mask: TensorLike | None = None) -> tf.Tensor:
     """Posterior entropy H(softmax(logits)) = −Σ_m p^m log p^m (nats), mean over the batch."""
     logits = tf.cast(logits, tf.float32)
     probs = tf.nn.softmax(logits)
@@ -69,7 +76,7 @@ def entropy(logits, *, mask=None):
     return _masked_mean(per_example, mask)
 
 
-def l2_weight_penalty(variables, weight_decay):
+def l2_weight_penalty(variables: Iterable[tf.Variable], weight_decay: float) -> tf.Tensor:
     """weight_decay/2 · Σ‖W‖² over the kernels (rank ≥ 2) among `variables`.
 
     The ½ makes the gradient weight_decay·W, i.e. the same update as Torch/PyTorch SGD's

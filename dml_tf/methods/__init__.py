@@ -9,8 +9,12 @@ import importlib
 import importlib.util
 import inspect
 import pkgutil
+from typing import TYPE_CHECKING, Any
 
 from dml_tf.errors import UserError
+
+if TYPE_CHECKING:  # TensorFlow only for type checkers: a method's module imports it when asked for
+    from dml_tf.methods.base import Method
 
 _REGISTRY = {
     "independent": "dml_tf.methods.independent:Independent",
@@ -29,7 +33,7 @@ _REGISTRY = {
 NAMES = tuple(_REGISTRY)
 
 
-def method_class(name):
+def method_class(name: str) -> "type[Method]":
     """Returns the class of method `name`, importing its module.
 
     Raises:
@@ -40,13 +44,13 @@ def method_class(name):
     return pkgutil.resolve_name(_REGISTRY[name])
 
 
-def hyperparameters(name):
+def hyperparameters(name: str) -> dict[str, Any]:
     """Returns {hyperparameter: default} of method `name` (the keyword arguments `get` takes)."""
     params = inspect.signature(method_class(name).__init__).parameters.values()
     return {p.name: p.default for p in params if p.name != "self"}
 
 
-def get(name, **hparams):
+def get(name: str, **hparams: Any) -> "Method":
     """Returns the method `name` built with `hparams` (e.g. label_smoothing=0.1).
 
     Raises:

@@ -13,8 +13,13 @@ import importlib
 import importlib.util
 import inspect
 import pkgutil
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from dml_tf.errors import UserError
+
+if TYPE_CHECKING:  # Keras only for type checkers: the registry imports it when building
+    import keras
 
 
 class _Builders(collections.abc.Mapping):
@@ -52,7 +57,7 @@ NAMES = tuple(_BUILDERS)
 _MIN_SIDE = 8
 
 
-def options(name):
+def options(name: str) -> tuple[str, ...]:
     """Returns the keyword options (besides `name`) that network `name` accepts."""
     params = inspect.signature(_builder(name)).parameters.values()
     return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "name")
@@ -64,7 +69,8 @@ def _builder(name):
     return _BUILDERS[name]
 
 
-def build(name, /, num_classes, input_shape=(32, 32, 3), **kw):
+def build(name: str, /, num_classes: int, input_shape: Sequence[int] = (32, 32, 3),
+          **kw: Any) -> "keras.Model":
     """Builds network `name` for `num_classes` classes.
 
     Args:
