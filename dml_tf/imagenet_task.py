@@ -76,6 +76,3 @@ class ImagenetTask:
 def imagenet_task(config):
     source = imagenet.Source(data_dir=config.data_dir or None, tfds_data_dir=config.tfds_data_dir)
     return ImagenetTask(source, config.image_size or imagenet.IMAGE_SIZE)
-
-
-tasks.register("imagenet", imagenet_task)

@@ -19,6 +19,7 @@ import tensorflow as tf
 from dml_tf import cohort as cohort_lib
 from dml_tf import lifecycle, methods, peer_checks
 from dml_tf.errors import UserError
+from dml_tf.evaluation import classification
 from dml_tf.fit_callbacks import CohortChecks, CohortProgbar
 
 # Carried by the label checks, so that their failure can become a UserError.
@@ -186,13 +187,14 @@ class MutualLearning(keras.Model):
         values = {}
         for k, (logits_k, peer_losses) in enumerate(zip(logits, all_losses), start=1):
             values.update({f"peer{k}/{name}": v for name, v in peer_losses.items()})
-            values[f"peer{k}/top1"] = _top1(labels, logits_k)
+            values[f"peer{k}/top1"] = _top1(logits_k, labels)
         probs = tf.add_n([tf.nn.softmax(z) for z in logits]) / float(len(logits))
         values["loss"] = tf.add_n([values[f"peer{k}/loss"] for k in
                                    range(1, self.num_peers + 1)]) / float(self.num_peers)
+        # The run scripts' test metrics, per batch (evaluation.classification).
         values["ensemble/ce"] = tf.reduce_mean(
-            keras.losses.sparse_categorical_crossentropy(labels, probs))
-        values["ensemble/top1"] = _top1(labels, probs)
+            classification.cross_entropy_per_example(probs, labels))
+        values["ensemble/top1"] = _top1(probs, labels)
         return self._record(values, tf.shape(labels)[0])
 
     def _record(self, values, batch_size):
@@ -224,10 +226,10 @@ class MutualLearning(keras.Model):
         if shape.rank == 2:
             labels = tf.squeeze(labels, axis=-1)
         labels = tf.cast(labels, tf.int64)
+        if self.jit_compile:
+            return labels  # checked before the compiled step (`_checked_data`): XLA drops asserts
         low = -1 if self.semi_supervised else 0
         in_range = tf.reduce_all((labels >= low) & (labels < self.num_classes))
-        # XLA drops this assertion; under jit_compile the labels were checked before the
-        # compiled step (`_checked_data`).
         with tf.control_dependencies([tf.debugging.Assert(in_range, [_LABEL_RANGE_MARK])]):
             return tf.identity(labels)
 
@@ -390,6 +392,6 @@ def _metric_names(method, num_peers, num_classes):
     return names + ["loss", "ensemble/ce", "ensemble/top1"]
 
 
-def _top1(labels, scores):
-    return tf.reduce_mean(keras.metrics.sparse_categorical_accuracy(labels, scores))
+def _top1(scores, labels):
+    return tf.reduce_mean(classification.top_k_correct(scores, labels, 1))
 

@@ -177,6 +177,3 @@ def market_task(config):
                         "extracted Market-1501-v15.09.15 folder.")
     return ReidTask(market1501.scan(config.data_dir), config.image_size or (224, 224),
                     config.multiquery_pooling)
-
-
-tasks.register("market1501", market_task)

@@ -144,7 +144,7 @@ def diagnosed(task, dataset):
             element = next(iterator)
         except StopIteration:
             return
-        except tf.errors.InvalidArgumentError as e:
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
             if hasattr(task, "diagnose"):
                 task.diagnose(e)
             raise

@@ -252,6 +252,9 @@ class _Run:
                 raise UserError(f"{stop[:-1]}; training stopped and {self._kept()} "
                                 "(--on_collapse=warn to go on).")
             if last or (epoch + 1) % config.eval_every_epochs == 0:
+                # The trained epoch first: an evaluation that fails (a damaged test image)
+                # must not cost it; resume re-evaluates an unclosed position.
+                self.save(epoch, steps, means, closed=False)
                 test_metrics = self.task.evaluate(self.cohort, config.eval_batch_size)
                 if self.stop.signum is not None:  # the epoch is trained: resume re-evaluates it
                     self.save(epoch, steps, means, closed=False)

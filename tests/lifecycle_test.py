@@ -55,6 +55,23 @@ def _reference_steps(cohort, images, labels, mask=None):
         cohort.train_step(*args)
 
 
+# --- every method without a declared need: fit is the cohort's step --------------------------
+
+@pytest.mark.parametrize("name", [n for n in methods.NAMES
+                                  if not (methods.method_class(n).needs_teacher
+                                          or methods.method_class(n).needs_validation)])
+def test_fit_trains_every_other_method_as_the_cohorts_steps(name):
+    images, labels = _data(24)
+    model = dml_tf.MutualLearning([_peer(1), _peer(2)], method=name)
+    model.compile(optimizer=keras.optimizers.SGD(0.2))
+    history = model.fit(images, labels, batch_size=BATCH, shuffle=False, verbose=0)
+    peers = [_peer(1), _peer(2)]
+    reference = Cohort(peers, [keras.optimizers.SGD(0.2) for _ in peers], methods.get(name))
+    _reference_steps(reference, images, labels)
+    _assert_close(_weights(model.peers), _weights(peers))
+    assert np.isfinite(history.history["peer2/loss"][0])
+
+
 # --- kd --------------------------------------------------------------------------------------
 
 def test_kd_in_fit_needs_a_teacher_and_refuses_a_wrong_one(tmp_path):

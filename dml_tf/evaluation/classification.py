@@ -1,21 +1,43 @@
-"""Classification metrics of a cohort: per peer, mean of peers, and the ensemble."""
+"""Classification metrics of a cohort: per peer, mean of peers, and the ensemble.
+
+The per-example quantities (`top_k_correct`, `cross_entropy_per_example`) are TensorFlow
+ops, written once for both training paths: the run scripts average them over a whole test
+set (`cohort_metrics`), `MutualLearning.evaluate` over its batches (batch-weighted, the same
+mean).
+"""
 
 import itertools
 
 import numpy as np
+import tensorflow as tf
+
+# Where p^y is clipped in the cross-entropy: a probability of 0 would make it infinite.
+MIN_PROBABILITY = 1e-12
+
+
+def top_k_correct(probs, labels, k):
+    """[N] float32, 1 where the label is among the k largest of [N, M] `probs` (a class tied
+    with the k-th counts as among them)."""
+    probs = tf.convert_to_tensor(probs, tf.float32)
+    k = min(int(k), int(probs.shape[-1]))
+    return tf.cast(tf.math.in_top_k(tf.cast(labels, tf.int64), probs, k), tf.float32)
+
+
+def cross_entropy_per_example(probs, labels):
+    """[N] float32 −log p^y of [N, M] probabilities (p^y clipped at MIN_PROBABILITY)."""
+    probs = tf.convert_to_tensor(probs, tf.float32)
+    picked = tf.gather(probs, tf.cast(labels, tf.int64), axis=1, batch_dims=1)
+    return -tf.math.log(tf.maximum(picked, MIN_PROBABILITY))
 
 
 def top_k_accuracy(probs, labels, k):
     """Fraction of rows whose label is among the k largest probabilities."""
-    k = min(k, probs.shape[1])
-    top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
-    return float(np.mean(np.any(top == labels[:, None], axis=1)))
+    return float(tf.reduce_mean(top_k_correct(probs, labels, k)))
 
 
 def mean_cross_entropy(probs, labels):
-    """Mean −log p^y of [N, M] probabilities (clipped at 1e-12: a zero would be infinite)."""
-    picked = probs[np.arange(len(labels)), labels]
-    return float(np.mean(-np.log(np.maximum(picked, 1e-12))))
+    """Mean −log p^y of [N, M] probabilities (clipped: a zero would be infinite)."""
+    return float(tf.reduce_mean(cross_entropy_per_example(probs, labels)))
 
 
 def collect_probabilities(predict_fn, dataset):
