@@ -253,8 +253,10 @@ class _Run:
                                 "(--on_collapse=warn to go on).")
             if last or (epoch + 1) % config.eval_every_epochs == 0:
                 # The trained epoch first: an evaluation that fails (a damaged test image)
-                # must not cost it; resume re-evaluates an unclosed position.
-                self.save(epoch, steps, means, closed=False)
+                # must not cost it; resume re-evaluates an unclosed position. A diverged
+                # cohort is never checkpointed (_write_results refuses it after evaluation).
+                if not self.cohort.nonfinite_peers():
+                    self.save(epoch, steps, means, closed=False)
                 test_metrics = self.task.evaluate(self.cohort, config.eval_batch_size)
                 if self.stop.signum is not None:  # the epoch is trained: resume re-evaluates it
                     self.save(epoch, steps, means, closed=False)

@@ -257,3 +257,27 @@ def test_a_full_disk_during_a_runs_checkpoint_is_one_sentence_and_keeps_the_last
         "checkpoint", "ckpt-6.data-00000-of-00001", "ckpt-6.index"]
     results = train_lib.train_and_evaluate(_config(run, data, epochs=3))  # resumes, finishes
     assert "test/ensemble/top1" in results
+
+
+def test_an_evaluation_that_fails_keeps_the_trained_epoch(tmp_path, monkeypatch):
+    """A test image found damaged at the epoch's evaluation: the epoch's training is
+    checkpointed first, and the run resumes by evaluating it, not by training it again."""
+    from dml_tf import tasks
+
+    data = _npz(tmp_path / "d.npz")
+    run = tmp_path / "run"
+    evaluate = tasks.ClassificationTask.evaluate
+
+    def damaged(self, cohort, batch_size):
+        raise UserError("test image 3 cannot be decoded")
+
+    monkeypatch.setattr(tasks.ClassificationTask, "evaluate", damaged)
+    with pytest.raises(UserError, match="cannot be decoded"):
+        train_lib.train_and_evaluate(_config(run, data, epochs=1))
+    assert glob.glob(str(run / "checkpoints" / "ckpt-6.index"))  # 48 images / 8: one epoch
+    monkeypatch.setattr(tasks.ClassificationTask, "evaluate", evaluate)
+    steps = []
+    real_step = Cohort.train_step
+    monkeypatch.setattr(Cohort, "train_step", lambda self, *a: steps.append(1) or real_step(self, *a))
+    results = train_lib.train_and_evaluate(_config(run, data, epochs=1))
+    assert steps == [] and "test/ensemble/top1" in results
