@@ -268,6 +268,14 @@ class MutualLearning(keras.Model):
             return super().evaluate(x, y, batch_size=batch_size, verbose=verbose,
                                     callbacks=callbacks, **kwargs)
 
+    def predict(self, x, *args, **kwargs):
+        """keras.Model.predict (the ensemble's probabilities), a batch-less input refused first
+        (inside `call`, Keras would wrap the sentence in its own message)."""
+        if isinstance(x, (np.ndarray, tf.Tensor)) and not self.per_peer_views:
+            for peer in self.peers:
+                peer_checks.check_batch_axis(x, peer)
+        return super().predict(x, *args, **kwargs)
+
     def _checked_data(self, x, y):
         """Under jit_compile (XLA drops in-graph assertions), labels checked before the
         compiled step: arrays here, a tf.data.Dataset by a check in its own pipeline."""

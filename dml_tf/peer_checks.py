@@ -106,12 +106,17 @@ def as_peer_input(inputs, peer):
         return inputs
     inputs = tf.convert_to_tensor(inputs)
     declared = input_dtype(peer)
+    check_batch_axis(inputs, peer)
+    target = declared or (inputs.dtype.name if inputs.dtype.is_floating else keras.config.floatx())
+    return inputs if inputs.dtype == target else tf.cast(inputs, target)
+
+
+def check_batch_axis(inputs, peer):
+    """Refuses one example without its batch axis (shaped exactly like the peer's input)."""
     expected = cohort_lib.input_shape(peer)
     if tuple(inputs.shape) == tuple(expected[1:]):
         raise UserError(f"inputs of shape {tuple(inputs.shape)} have no batch axis (peers take "
                         f"{tuple(expected)}); pass a batch, e.g. x[None] or x[:1].")
-    target = declared or (inputs.dtype.name if inputs.dtype.is_floating else keras.config.floatx())
-    return inputs if inputs.dtype == target else tf.cast(inputs, target)
 
 
 def check_label_layout(labels, num_classes):

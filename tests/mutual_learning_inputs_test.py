@@ -121,8 +121,11 @@ def test_class_weight_sample_weight_and_keras_saving_are_one_sentence(tmp_path):
 def test_predict_without_a_batch_axis_is_one_sentence():
     x, _ = _data()
     model = _model()
-    with pytest.raises(UserError, match=r"have no batch axis .*x\[None\]"):
+    with pytest.raises(UserError, match=r"have no batch axis .*x\[None\]") as info:
         model.predict(x[0], verbose=0)
+    assert str(info.value).startswith("inputs of shape (8, 8, 3) have no batch axis")
+    with pytest.raises(UserError, match=r"have no batch axis"):
+        model(tf.constant(x[0]))  # a direct call: the same sentence, whatever Keras wraps it in
 
 
 def _two_outputs():
