@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import sys
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -122,8 +123,9 @@ def _default_preprocess(images):
     return tf.cast(images, tf.float32)
 
 
-def export_cohort(cohort, export_dir, preprocess=None, serving_shape=None, *, check_images=None,
-                  source=None):
+def export_cohort(cohort: "cohort_lib.Cohort", export_dir: str | os.PathLike,
+                  preprocess: Callable | None = None, serving_shape: tuple | None = None, *,
+                  check_images: Any = None, source: str | None = None) -> dict[str, str]:
     """Writes `export_dir/peer{k}` for k = 1..K and `export_dir/ensemble`, replacing the folder.
 
     Each SavedModel's `serving_default` signature takes uint8 images [N, H, W, C] as the

@@ -11,6 +11,9 @@ scripts: one implementation of each, and every method behaves in `fit` as in the
 """
 
 import contextlib
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -46,9 +49,12 @@ class MutualLearning(keras.Model):
     optimizer (its iterations and learning rate are what Keras' callbacks log).
     """
 
-    def __init__(self, peers, method="dml", update="sequential", weight_decay=0.0, *,
-                 teacher=None, held_out=None, semi_supervised=False, per_peer_views=False,
-                 on_collapse="warn", on_nan="stop", **method_args):
+    def __init__(self, peers: Sequence[keras.Model], method: "str | methods.base.Method" = "dml",
+                 update: str = "sequential", weight_decay: float = 0.0, *,
+                 teacher: "keras.Model | str | os.PathLike | None" = None,
+                 held_out: tuple | None = None, semi_supervised: bool = False,
+                 per_peer_views: bool = False, on_collapse: str = "warn", on_nan: str = "stop",
+                 **method_args: Any) -> None:
         """Args:
           peers: list of K ≥ 1 built Keras models (functional, Sequential or subclassed)
             mapping the same inputs to logits (no final softmax), with no layer in common.
@@ -108,7 +114,7 @@ class MutualLearning(keras.Model):
         return len(self.peers)
 
     @property
-    def cohort(self):
+    def cohort(self) -> cohort_lib.Cohort:
         """The `dml_tf.cohort.Cohort` of the peers and their optimizers (after `compile`)."""
         if self._cohort is None:
             raise UserError("MutualLearning has no cohort before compile(); call "
@@ -119,8 +125,8 @@ class MutualLearning(keras.Model):
     def metrics(self):
         return list(self._trackers.values())
 
-    def compile(self, optimizer="rmsprop", *, run_eagerly=False, steps_per_execution=1,
-                jit_compile=False):
+    def compile(self, optimizer: Any = "rmsprop", *, run_eagerly: bool = False,
+                steps_per_execution: int = 1, jit_compile: bool = False) -> None:
         """Args:
           optimizer: one optimizer (or its name), copied for every peer so that each has its
             own slots, or a list of K optimizers, one per peer. Under a mixed_float16 policy
@@ -158,7 +164,7 @@ class MutualLearning(keras.Model):
         probs = [tf.nn.softmax(z) for z in self._logits(inputs, training)]
         return tf.add_n(probs) / float(len(probs))
 
-    def peer_logits(self, inputs):
+    def peer_logits(self, inputs: Any) -> list[tf.Tensor]:
         """The K peers' logits (inference mode), a list of float32 [B, M] tensors."""
         return self._logits(inputs, False)
 
@@ -333,7 +339,7 @@ class MutualLearning(keras.Model):
             raise UserError(f"held_out's labels must be class indices in [0, {self.num_classes}).")
         return inputs, labels
 
-    def held_out_probabilities(self, batch_size=256):
+    def held_out_probabilities(self, batch_size: int = 256) -> tuple[list[np.ndarray], np.ndarray]:
         """The peers' probabilities (inference mode) on `held_out`: (K [N, M] arrays, labels)."""
         inputs, labels = self._held_out
         per_peer = [[] for _ in self.peers]
