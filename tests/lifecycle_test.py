@@ -281,3 +281,22 @@ def test_an_evaluation_that_fails_keeps_the_trained_epoch(tmp_path, monkeypatch)
     monkeypatch.setattr(Cohort, "train_step", lambda self, *a: steps.append(1) or real_step(self, *a))
     results = train_lib.train_and_evaluate(_config(run, data, epochs=1))
     assert steps == [] and "test/ensemble/top1" in results
+
+
+def test_a_checkpoint_from_before_the_step_counter_restores_with_the_optimizers_count(tmp_path):
+    """Runs started before the cohort had a step counter resume: their checkpoints lack it,
+    and the count becomes the most any peer's optimizer stepped."""
+    images, labels = _data()
+    peers = [_peer(1, "peer1"), _peer(2, "peer2")]
+    cohort = Cohort(peers, [keras.optimizers.SGD(0.1) for _ in peers], methods.get("dml"))
+    _reference_steps(cohort, images, labels)  # 4 steps
+    older = {k: v for k, v in train_lib.checkpoint_trackables(cohort).items()
+             if k != "step_counter"}  # the layout before this change
+    tf.train.CheckpointManager(tf.train.Checkpoint(**older), str(tmp_path), 3).save(
+        checkpoint_number=4)
+    fresh = Cohort([_peer(5, "peer1"), _peer(6, "peer2")],
+                   [keras.optimizers.SGD(0.1) for _ in range(2)], methods.get("dml"))
+    restored = train_lib.restore_checkpoint(fresh, train_lib.checkpoint_trackables(fresh),
+                                            str(tmp_path))
+    assert restored.endswith("ckpt-4") and fresh.steps_done == 4
+    _assert_close(_weights(fresh.models), _weights(cohort.models))
