@@ -21,29 +21,17 @@ is refused unless --allow_unfinished. The functions below take models and arrays
 Needs the analysis extra (matplotlib, scikit-learn): pip install "dml_tf[analysis]".
 """
 
-import importlib.util
 import sys
 
+from dml_tf import errors
 
-def _missing_extra():
-    """The sentence for a missing matplotlib or scikit-learn, or None when both are there."""
-    for module, package in (("matplotlib", "matplotlib"), ("sklearn", "scikit-learn")):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ValueError:  # in sys.modules as None: deliberately hidden
-            found = False
-        if not found:
-            return (f"dml_tf.analysis needs the analysis extra ({package} is not installed): "
-                    'pip install "dml_tf[analysis]"')
-    return None
-
-
-_MISSING = _missing_extra()
+_MISSING = errors.missing_extra("dml_tf.analysis", "analysis",
+                                (("matplotlib", "matplotlib"), ("sklearn", "scikit-learn")))
 if _MISSING:
     if __name__ == "__main__":
         print(f"error: {_MISSING}", file=sys.stderr)
         sys.exit(2)
-    raise ImportError(_MISSING)
+    raise _MISSING
 
 if __name__ == "__main__":  # Before TensorFlow's import: silence its C++ start-up lines.
     from dml_tf import quiet_start

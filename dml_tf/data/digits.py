@@ -7,28 +7,14 @@ repeated over 3 channels so that every CIFAR network and pipeline runs on them u
 Needs the quickstart extra (scikit-learn): pip install "dml_tf[quickstart]".
 """
 
-import importlib.util
-
 import numpy as np
 
+from dml_tf import errors
 from dml_tf.data import ImageData
-from dml_tf.errors import UserError
 
-
-class MissingExtraError(UserError, ImportError):
-    """scikit-learn is not installed: an ImportError, and one sentence for the run scripts."""
-
-
-def _has_sklearn():
-    try:
-        return importlib.util.find_spec("sklearn") is not None
-    except ValueError:  # in sys.modules as None: deliberately hidden
-        return False
-
-
-if not _has_sklearn():
-    raise MissingExtraError("dml_tf.data.digits needs the quickstart extra (scikit-learn is not "
-                            'installed): pip install "dml_tf[quickstart]"')
+_MISSING = errors.missing_extra("dml_tf.data.digits", "quickstart", (("sklearn", "scikit-learn"),))
+if _MISSING:
+    raise _MISSING
 
 SIZE = 32
 TEST_FRACTION = 0.2
