@@ -187,6 +187,10 @@ class Config:
         "dml_all: cross-entropy on labelled examples, mimicry on all (paper Sec. 3.4). The "
         "labelled share is --labelled_fraction (CIFAR) or --labelled_ids (Market-1501).",
         DATA, choices=choices.SEMI_SUPERVISED)
+    label_offset: int = _setting(
+        1, {"run_imagenet.py": "Subtracted from the TFRecords' image/class/label: 1 for "
+            "build_imagenet_data.py's labels 1..1000, 0 for shards with 0-based labels "
+            "(tensorflow-datasets' ImageNet is never shifted)."}, DATA, check=NON_NEGATIVE)
     multiquery_pooling: str = _setting(
         "mean", {"run_market.py": "Multi-query: pooling of a query identity's gt_bbox features "
                  "under its camera."}, DATA, choices=choices.MULTIQUERY_POOLINGS)

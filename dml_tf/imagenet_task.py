@@ -74,5 +74,6 @@ class ImagenetTask:
 
 
 def imagenet_task(config):
-    source = imagenet.Source(data_dir=config.data_dir or None, tfds_data_dir=config.tfds_data_dir)
+    source = imagenet.Source(data_dir=config.data_dir or None, tfds_data_dir=config.tfds_data_dir,
+                             label_offset=config.label_offset)
     return ImagenetTask(source, config.image_size or imagenet.IMAGE_SIZE)

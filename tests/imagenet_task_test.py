@@ -61,3 +61,15 @@ def test_a_garbage_shard_stops_the_run_before_training(tmp_path):
                                         rf"TFRecord file \(TensorFlow: corrupted record at 0"):
         train_lib.train_and_evaluate(_config(run, shards))
     assert not [p for p in run.rglob("*") if p.name.startswith("ckpt")]
+
+
+def test_label_offset_flag_reaches_the_shards(tmp_path):
+    """Shards of 0-based labels (label 0 present) train with --label_offset=0 and are refused,
+    naming the offset, with the default 1."""
+    from dml_tf import imagenet_task
+
+    shards = write_shards(tmp_path / "shards", label_shift=1)  # build_imagenet_data.py's 1.. as 0..
+    task = imagenet_task.imagenet_task(_config(tmp_path / "run", shards, label_offset=0))
+    assert task.source.label_offset == 0
+    with pytest.raises(UserError, match="minus label_offset=1"):
+        train_lib.train_cohort(_config(tmp_path / "default", shards, export=False))

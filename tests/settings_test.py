@@ -16,8 +16,9 @@ SCRIPTS = {"run_cifar.py": run_cifar, "run_market.py": run_market, "run_imagenet
 FIELDS = {f.name for f in dataclasses.fields(config.Config)}
 # The dataset's own settings a script has no flag for (its datasets do not use them).
 NOT_FLAGS = {
-    "run_cifar.py": {"image_size", "labelled_ids", "multiquery_pooling", "init", "init_checkpoint"},
-    "run_market.py": {"dataset", "tfds_data_dir", "labelled_fraction"},
+    "run_cifar.py": {"image_size", "labelled_ids", "multiquery_pooling", "init", "init_checkpoint",
+                     "label_offset"},
+    "run_market.py": {"dataset", "tfds_data_dir", "labelled_fraction", "label_offset"},
     "run_imagenet.py": {"dataset", "labelled_fraction", "labelled_ids", "multiquery_pooling",
                         "init_checkpoint"},
 }
@@ -34,7 +35,7 @@ RANGES = [
     ("teacher_peer", 0, 1, "positive"), ("train_steps", -1, 0, "0 or positive"),
     ("seed", -1, 0, "0 or positive"), ("weight_decay", -1e-9, 0.0, "0 or positive"),
     ("checkpoint_every_steps", -1, 0, "0 or positive"), ("labelled_ids", -1, 0, "0 or positive"),
-    ("warmup_epochs", -0.5, 0.0, "0 or positive"),
+    ("warmup_epochs", -0.5, 0.0, "0 or positive"), ("label_offset", -1, 0, "0 or positive"),
     ("intra_op_threads", -1, 0, r"0 \(TensorFlow's choice\) or positive"),
     ("inter_op_threads", -1, 0, r"0 \(TensorFlow's choice\) or positive"),
     ("labelled_fraction", 0.0, 1.0, r"in \(0, 1\]"),
