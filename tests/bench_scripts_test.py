@@ -284,3 +284,40 @@ def test_bench_minutes_add_up_over_the_sessions_that_trained_a_run(tmp_path):
     assert first + 0.4 <= total < first + 3.0
     assert restored == total
     assert total + 0.5 <= longer < total + 3.0
+
+
+def test_finished_runs_are_archived_without_checkpoints_and_read_back(tmp_path):
+    """A run folder as train_lib leaves it (hand-written files, a checkpoint, an export) is
+    archived without the checkpoint and export; the archive is read back as the same results,
+    entropies and minutes, and refused, naming the setting, under another schedule."""
+    model_dir, archive = tmp_path / "runs" / "dml_seed0", tmp_path / "archive" / "dml_seed0"
+    (model_dir / "checkpoints").mkdir(parents=True)
+    (model_dir / "checkpoints" / "ckpt-3.index").write_bytes(b"\0" * 10)
+    (model_dir / "export" / "peer1").mkdir(parents=True)
+    (model_dir / "results.json").write_text(json.dumps({"test/peer1/top1": 0.625}))
+    (model_dir / "bench_seconds.json").write_text(json.dumps({"seconds": 754.5}))
+    (model_dir / "events.out.tfevents.1796000000.host").write_bytes(b"events")
+    code = ("import json, sys; sys.path.insert(0, 'bench')\n"
+            "import cifar10_subset as b\n"
+            "from dml_tf import config as config_lib\n"
+            "from dml_tf.errors import UserError\n"
+            "model_dir, archive = sys.argv[1], sys.argv[2]\n"
+            "cfg = config_lib.Config(model_dir=model_dir, epochs=150, lr_decay_epochs=60)\n"
+            "open(model_dir + '/flags.json', 'w').write(cfg.to_json())\n"
+            "b.archive_run(model_dir, archive, [0.25, 0.5])\n"
+            "results, entropy, seconds = b.load_archived(archive, config_lib.Config(\n"
+            "    model_dir='/elsewhere', epochs=150, lr_decay_epochs=60))\n"
+            "print(json.dumps([results, list(entropy), seconds]))\n"
+            "for other in (dict(epochs=150, lr_decay_epochs=50), dict(epochs=120, lr_decay_epochs=60)):\n"
+            "    try:\n"
+            "        b.load_archived(archive, config_lib.Config(model_dir=model_dir, **other))\n"
+            "    except UserError as e:\n"
+            "        print(e)\n")
+    out = _python(code, str(model_dir), str(archive)).splitlines()
+    assert json.loads(out[0]) == [{"test/peer1/top1": 0.625}, [0.25, 0.5], 754.5]
+    assert sorted(os.listdir(archive)) == ["bench_entropy.json", "bench_seconds.json",
+                                           "events.out.tfevents.1796000000.host",
+                                           "flags.json", "results.json"]
+    assert (archive / "events.out.tfevents.1796000000.host").read_bytes() == b"events"
+    assert "other lr_decay_epochs than" in out[1] and "--archive_dir" in out[1]
+    assert "other epochs than" in out[2]
