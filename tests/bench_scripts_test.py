@@ -321,3 +321,21 @@ def test_finished_runs_are_archived_without_checkpoints_and_read_back(tmp_path):
     assert (archive / "events.out.tfevents.1796000000.host").read_bytes() == b"events"
     assert "other lr_decay_epochs than" in out[1] and "--archive_dir" in out[1]
     assert "other epochs than" in out[2]
+
+
+def test_vs_pytorch_counts_resnet32_training_flops_by_hand():
+    """bench/vs_pytorch.py's GFLOP per image against He et al.'s ResNet-32 counted by hand:
+    a 3x3 stem conv, then 3 stages of 10 3x3 convs (16, 32, 64 channels at 32², 16², 8²), the
+    first of stages 2 and 3 from half the channels at stride 2, and a 64 x 100 dense layer."""
+    def conv(size, cin, cout):
+        return size * size * cout * 9 * cin
+
+    macs = (conv(32, 3, 16) + 10 * conv(32, 16, 16)
+            + conv(16, 16, 32) + 9 * conv(16, 32, 32)
+            + conv(8, 32, 64) + 9 * conv(8, 64, 64) + 64 * 100)
+    code = ("import sys; sys.path.insert(0, 'bench')\n"
+            "import vs_pytorch\n"
+            "from dml_tf import nets\n"
+            "print(vs_pytorch.training_gflop_per_image(nets.build('resnet32', 100, (32, 32, 3))))\n")
+    counted = float(_python(code).splitlines()[-1])
+    assert counted == pytest.approx(3 * 2 * macs / 1e9, rel=1e-9)
