@@ -159,6 +159,12 @@ def archive_run(model_dir, archive, entropy):
     for pattern in ARCHIVED_FILES:
         for path in glob.glob(os.path.join(model_dir, pattern)):
             shutil.copy2(path, staging)
+    # The archive travels (committed, read on other machines): no paths of this machine.
+    with open(os.path.join(staging, "flags.json")) as f:
+        settings = json.load(f)
+    for key in ("data_dir", "model_dir"):
+        settings[key] = os.path.basename(os.path.normpath(settings[key] or "")) or None
+    run_dir.write_json_atomically(os.path.join(staging, "flags.json"), settings)
     run_dir.write_json_atomically(os.path.join(staging, ENTROPY_FILE),
                                   {"train_entropy": [float(e) for e in entropy]})
     shutil.rmtree(archive, ignore_errors=True)

@@ -302,7 +302,8 @@ def test_finished_runs_are_archived_without_checkpoints_and_read_back(tmp_path):
             "from dml_tf import config as config_lib\n"
             "from dml_tf.errors import UserError\n"
             "model_dir, archive = sys.argv[1], sys.argv[2]\n"
-            "cfg = config_lib.Config(model_dir=model_dir, epochs=150, lr_decay_epochs=60)\n"
+            "cfg = config_lib.Config(model_dir=model_dir, epochs=150, lr_decay_epochs=60,\n"
+            "                        data_dir='/machine/data/subset.npz')\n"
             "open(model_dir + '/flags.json', 'w').write(cfg.to_json())\n"
             "b.archive_run(model_dir, archive, [0.25, 0.5])\n"
             "results, entropy, seconds = b.load_archived(archive, config_lib.Config(\n"
@@ -319,6 +320,9 @@ def test_finished_runs_are_archived_without_checkpoints_and_read_back(tmp_path):
                                            "events.out.tfevents.1796000000.host",
                                            "flags.json", "results.json"]
     assert (archive / "events.out.tfevents.1796000000.host").read_bytes() == b"events"
+    archived_flags = json.loads((archive / "flags.json").read_text())
+    assert archived_flags["model_dir"] == "dml_seed0" and archived_flags["epochs"] == 150
+    assert archived_flags["data_dir"] == "subset.npz"
     assert "other lr_decay_epochs than" in out[1] and "--archive_dir" in out[1]
     assert "other epochs than" in out[2]
 
