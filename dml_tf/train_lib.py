@@ -299,9 +299,22 @@ def _epoch_dataset(run, epoch):
         # Each input pipeline batches its replicas' share; with several workers it reads
         # its own shard of the batches.
         return run.strategy.distribute_datasets_from_function(
-            lambda ctx: task.train_dataset(replica_batch, seed=seed, views=views)
-            .shard(ctx.num_input_pipelines, ctx.input_pipeline_id))
-    return task.train_dataset(config.batch_size, seed=seed, views=views)
+            lambda ctx: without_autotune(task.train_dataset(replica_batch, seed=seed, views=views)
+                                         .shard(ctx.num_input_pipelines, ctx.input_pipeline_id)))
+    return without_autotune(task.train_dataset(config.batch_size, seed=seed, views=views))
+
+
+def without_autotune(dataset):
+    """`dataset` with tf.data's autotuning model switched off.
+
+    Each epoch iterates a new dataset, and deleting the previous epoch's iterator with the
+    autotuning model on stalled for 0.8-20 s in half of the epochs (TF 2.21, ResNet-32 pair
+    on 2 cores: bench/RESULTS.md), 25 % of a run's wall time; with it off, never, at the same
+    step speed. AUTOTUNE parallelism then stays at its initial value.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
 
 
 def _write_results(run):

@@ -231,3 +231,32 @@ def test_kdcl_general_estimates_weights_every_epoch(cifar_dir, tmp_path):
     assert {"kdcl/weight1", "kdcl/weight2"} <= tags
     weights = cohort.method.teacher_weights.numpy()
     assert weights.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_epoch_dataset_is_the_tasks_own_with_tf_data_autotuning_off():
+    """The epoch's batches are exactly the task's pipeline's for that epoch's seed, with
+    tf.data's autotuning model off (deleting each epoch's iterator with it on stalled for
+    seconds: bench/RESULTS.md)."""
+    import types
+
+    from dml_tf import data as data_lib
+    from dml_tf import tasks
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, 40).astype(np.int64)
+    task = tasks.ClassificationTask(data_lib.ImageData(
+        x_train=images, y_train=labels, x_test=images[:8], y_test=labels[:8], num_classes=4,
+        mean=(120.0, 120.0, 120.0), std=(60.0, 60.0, 60.0), name="tiny"))
+    run = types.SimpleNamespace(
+        config=config_lib.Config(seed=3, batch_size=16), task=task,
+        cohort=types.SimpleNamespace(num_peers=2, distributed=False))
+    epoch_dataset = train_lib._epoch_dataset(run, epoch=2)
+    assert epoch_dataset.options().autotune.enabled is False
+    own = task.train_dataset(16, seed=3 * 100003 + 2, views=1)
+    assert own.options().autotune.enabled is not False  # tf.data's default: on
+    got, expected = list(epoch_dataset), list(own)
+    assert len(got) == len(expected) == 2
+    for (x, y), (x0, y0) in zip(got, expected):
+        np.testing.assert_array_equal(x.numpy(), x0.numpy())
+        np.testing.assert_array_equal(y.numpy(), y0.numpy())
