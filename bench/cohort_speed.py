@@ -61,10 +61,7 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    if FLAGS.intra_op_threads:
-        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
-    if FLAGS.inter_op_threads:
-        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
+    timing.set_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
     b = FLAGS.batch_size
     rows = []
     memory = timing.in_memory_batches(b)

@@ -32,15 +32,6 @@ flags.DEFINE_string("logdir", "/tmp/dml_tf_profile", "Where the trace goes.")
 FLAGS = flags.FLAGS
 
 
-def parse_options(items):
-    """["jit_compile=true", ...] -> {"jit_compile": True, ...}."""
-    options = {}
-    for item in items:
-        key, value = item.split("=", 1)
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return options
-
-
 def op_table(xplane_path):
     """{op type: (self microseconds, occurrences)} from xprof's framework_op_stats."""
     from xprof.convert import raw_to_tool_data
@@ -62,12 +53,9 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    if FLAGS.intra_op_threads:
-        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
-    if FLAGS.inter_op_threads:
-        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
+    timing.set_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
     cohort = timing.make_cohort(2, "resnet32", "dml", FLAGS.update, precision=FLAGS.precision,
-                                **parse_options(FLAGS.tf_options))
+                                **timing.parse_options(FLAGS.tf_options))
     batches = timing.in_memory_batches(FLAGS.batch_size)
     seconds = timing.seconds_per_step(cohort, batches, 20, warmup=10)
     logdir = os.path.join(FLAGS.logdir, time.strftime("%Y%m%d-%H%M%S"))

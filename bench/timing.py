@@ -46,6 +46,25 @@ def make_cohort(num_peers=2, net="resnet32", method="dml", update="simultaneous"
                   jit_compile=jit_compile)
 
 
+def set_threads(intra_op, inter_op):
+    """TensorFlow's intra-/inter-op thread counts (0: TensorFlow's own choice); before any op."""
+    import tensorflow as tf
+
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
+def parse_options(items):
+    """["jit_compile=true", ...] -> {"jit_compile": True, ...}: make_cohort options from flags."""
+    options = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
 def in_memory_batches(batch_size, num_classes=100):
     """The same random batch forever, already a tensor."""
     import numpy as np

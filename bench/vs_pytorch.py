@@ -74,10 +74,7 @@ def training_gflop_per_image(model):
 def time_tf(precision):
     import numpy as np
 
-    options = {}
-    for item in FLAGS.tf_options:
-        key, value = item.split("=", 1)
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    options = timing.parse_options(FLAGS.tf_options)
     cohort = timing.make_cohort(2, "resnet32", "dml", "simultaneous",
                                 precision="mixed_bfloat16" if precision == "bfloat16"
                                 else "float32", **options)
