@@ -22,4 +22,4 @@ def make_config(flag_values):
 
 
 if __name__ == "__main__":
-    cli.main(define_flags, make_config)
+    cli.main(FLAGS, define_flags, make_config)

@@ -1,6 +1,7 @@
 """The run scripts' entry point: flags checked in a second, TensorFlow started only for a run.
 
-`main(define_flags, make_config)` parses the command line with absl (flagfiles read by
+`main(flag_values, define_flags, make_config)` parses the command line into the run script's
+FLAGS with absl (flagfiles read by
 dml_tf.flagfiles), builds and checks the Config and the model_dir's state without
 TensorFlow, and only then imports TensorFlow (quietly, `dml_tf.quiet_start`) and trains. A
 mistake a user can make is one line, ``error: <sentence>`` on stderr, and exit status 2.
@@ -27,17 +28,18 @@ HELP_GROUPS = tuple((title, names + COMMAND_FLAGS if title == config_lib.RUN els
                     for title, names in config_lib.help_groups())
 
 
-def main(define_flags, make_config, argv=None):
-    """Runs a run script: `define_flags(flag_values)` and `make_config(flag_values)` are its own.
+def main(flag_values, define_flags, make_config, argv=None):
+    """Runs a run script: `flag_values` (its FLAGS), `define_flags(flag_values)` and
+    `make_config(flag_values)` are its own; this module reads no global flags.
 
     Exits 0 after --help (the script's flags, grouped), --print_config and a finished run, 2 on
     a UserError, 128 + the signal number when SIGINT/SIGTERM stopped training.
     """
-    define_flags(flags.FLAGS)
-    define_command_flags(flags.FLAGS)
+    define_flags(flag_values)
+    define_command_flags(flag_values)
     sources = {}  # flag name -> where its value came from, filled in by the parser
-    app.run(lambda args: run(make_config, args, sources), argv=argv,
-            flags_parser=flags_parser(flags.FLAGS, main_doc=sys.modules["__main__"].__doc__,
+    app.run(lambda args: run(flag_values, make_config, args, sources), argv=argv,
+            flags_parser=flags_parser(flag_values, main_doc=sys.modules["__main__"].__doc__,
                                       sources=sources))
 
 
@@ -110,16 +112,16 @@ def _own_flags(flag_values):
                   if not module.startswith("absl.") for flag in defined)
 
 
-def run(make_config, argv, sources=None):
-    """The `main(argv)` absl calls with the parsed flags: check everything, then train (or,
+def run(flag_values, make_config, argv, sources=None):
+    """The `main(argv)` absl calls once `flag_values` is parsed: check everything, then train (or,
     with --print_config, print the settings)."""
     if len(argv) > 1:
         _exit_with_error(f"unexpected arguments {' '.join(argv[1:])}: every setting is a "
                          "--flag (see --help).")
     try:
-        config = make_config(flags.FLAGS)
-        if "print_config" in flags.FLAGS and flags.FLAGS.print_config:
-            print(describe(config, flags.FLAGS, sources or {}, os.path.basename(argv[0])))
+        config = make_config(flag_values)
+        if "print_config" in flag_values and flag_values.print_config:
+            print(describe(config, flag_values, sources or {}, os.path.basename(argv[0])))
             sys.exit(0)
         # The model_dir's state (a file, locked, another run's, ...) and kd's teacher run.
         run_dir.check(config)
