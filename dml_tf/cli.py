@@ -1,10 +1,10 @@
 """The run scripts' entry point: flags checked in a second, TensorFlow started only for a run.
 
 `main(flag_values, define_flags, make_config)` parses the command line into the run script's
-FLAGS with absl (flagfiles read by
-dml_tf.flagfiles), builds and checks the Config and the model_dir's state without
-TensorFlow, and only then imports TensorFlow (quietly, `dml_tf.quiet_start`) and trains. A
-mistake a user can make is one line, ``error: <sentence>`` on stderr, and exit status 2.
+flag values with absl (flagfiles read by dml_tf.flagfiles), builds and checks the Config and
+the model_dir's state without TensorFlow, and only then imports TensorFlow (quietly,
+`dml_tf.quiet_start`) and trains. A mistake a user can make is one line,
+``error: <sentence>`` on stderr, and exit status 2.
 `--print_config` shows the resolved settings and where each came from, and exits.
 """
 
@@ -29,7 +29,7 @@ HELP_GROUPS = tuple((title, names + COMMAND_FLAGS if title == config_lib.RUN els
 
 
 def main(flag_values, define_flags, make_config, argv=None):
-    """Runs a run script: `flag_values` (its FLAGS), `define_flags(flag_values)` and
+    """Runs a run script: `flag_values` (its absl FlagValues), `define_flags(flag_values)` and
     `make_config(flag_values)` are its own; this module reads no global flags.
 
     Exits 0 after --help (the script's flags, grouped), --print_config and a finished run, 2 on
