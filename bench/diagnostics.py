@@ -6,7 +6,9 @@
 Reads every `<method>_seed<s>/` run folder under --runs_dir (as bench/cifar10_subset.py
 writes them) and prints, per method, a markdown table with one row per epoch (all, or
 --at_epochs), each number the mean over the method's seeds that reached that epoch:
-the learning rate; per peer the training top-1 (%, the mean over the epoch's augmented
+"next lr", the learning rate logged after the epoch (`lr/peer1`, the schedule's value at
+the summary's step, so the one the next epoch starts with: the epoch before a drop shows
+the new value); per peer the training top-1 (%, the mean over the epoch's augmented
 batches as the peer trained), the training cross-entropy, the mimicry term (the method's
 KL to its peers, as trained; "–" where the method logs none), the mean posterior entropy of
 its training predictions (nats); per peer the test top-1 (%); and the peers' agreement on the
@@ -37,7 +39,7 @@ PEER_COLUMNS = (("train top1", "train/peer{k}/top1", 100, 2), ("CE", "train/peer
                 ("mimicry", "train/peer{k}/mimicry", 1, 4),
                 ("entropy", "train/peer{k}/entropy", 1, 4),
                 ("test top1", "test/peer{k}/top1", 100, 2))
-COHORT_COLUMNS = (("lr", "lr/peer1", 1, 5), ("agreement", "test/agreement", 100, 2))
+COHORT_COLUMNS = (("next lr", "lr/peer1", 1, 5), ("agreement", "test/agreement", 100, 2))
 
 
 def columns(num_peers):

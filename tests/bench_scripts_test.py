@@ -229,7 +229,7 @@ def test_diagnostics_table_is_the_mean_over_seeds_of_the_events(tmp_path):
             assert float(row[columns[f"peer{k} test top1"]]) == pytest.approx(test, rel=1e-4, abs=0.006)
         assert float(row[columns["agreement"]]) == pytest.approx(
             mean("test/agreement", 100), rel=1e-4, abs=0.006)
-        assert float(row[columns["lr"]]) == pytest.approx(mean("lr/peer1"), rel=1e-3, abs=6e-6)
+        assert float(row[columns["next lr"]]) == pytest.approx(mean("lr/peer1"), rel=1e-3, abs=6e-6)
 
     columns, rows = _table(out, "independent (mean over seeds 0):")
     assert rows[-1][columns["peer1 mimicry"]] == "–"  # logged by no run of the method
