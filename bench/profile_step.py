@@ -1,7 +1,7 @@
 """Where a cohort step's time goes: tf.profiler over a few steps, self time per op type.
 
 Profiles `timing.make_cohort`'s cohort (2 ResNet-32 peers, batch 64, as bench/vs_pytorch.py
-times it) and prints, per op type, the self time per step summed over threads (so on 2
+times it; `--net` profiles a pair of another network) and prints, per op type, the self time per step summed over threads (so on 2
 cores the column adds up to about twice the wall time), its share, and the op count.
 The trace itself is left in --logdir for TensorBoard's profile plugin.
 
@@ -20,6 +20,7 @@ import time
 import timing
 from absl import app, flags
 
+flags.DEFINE_string("net", "resnet32", "The network of both peers (a dml_tf.nets name).")
 flags.DEFINE_string("precision", "float32", "float32 or mixed_bfloat16.")
 flags.DEFINE_string("update", "simultaneous", "simultaneous or sequential.")
 flags.DEFINE_integer("steps", 10, "Profiled steps, after 10 untimed ones.")
@@ -54,7 +55,7 @@ def main(argv):
     import tensorflow as tf
 
     timing.set_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
-    cohort = timing.make_cohort(2, "resnet32", "dml", FLAGS.update, precision=FLAGS.precision,
+    cohort = timing.make_cohort(2, FLAGS.net, "dml", FLAGS.update, precision=FLAGS.precision,
                                 **timing.parse_options(FLAGS.tf_options))
     batches = timing.in_memory_batches(FLAGS.batch_size)
     seconds = timing.seconds_per_step(cohort, batches, 20, warmup=10)
