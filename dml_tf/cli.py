@@ -21,10 +21,10 @@ from dml_tf.errors import UserError
 # The arguments that ask for the run script's manual (absl's --help and --helpshort, and -h).
 HELP_ARGS = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
 # The run scripts' flags that are no setting of a run (not in Config): what the command does.
-COMMAND_FLAGS = ("print_config",)
+COMMAND_FLAG_NAMES = ("print_config",)
 # --help's sections: a title and the flags it holds (the settings table's groups, the command's
 # own flags with the run's); a flag in none of them is listed under "other".
-HELP_GROUPS = tuple((title, names + COMMAND_FLAGS if title == config_lib.RUN else names)
+HELP_GROUPS = tuple((title, names + COMMAND_FLAG_NAMES if title == config_lib.RUN else names)
                     for title, names in config_lib.help_groups())
 
 
@@ -44,7 +44,7 @@ def main(flag_values, define_flags, make_config, argv=None):
 
 
 def define_command_flags(flag_values):
-    """The flags of COMMAND_FLAGS."""
+    """Defines the flags named in COMMAND_FLAG_NAMES on `flag_values`."""
     flags.DEFINE_bool("print_config", False, "Print every setting with its resolved value and "
                       "where it came from (default, the script's default, a flagfile, the "
                       "command line), then exit without starting TensorFlow or touching "

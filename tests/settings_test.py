@@ -73,7 +73,7 @@ def test_help_lists_every_flag_in_a_section_and_none_under_other(script):
     cli.define_command_flags(flag_values)
     text = cli.manual(flag_values)
     assert "\nother:" not in text
-    for name in defined | set(cli.COMMAND_FLAGS):
+    for name in defined | set(cli.COMMAND_FLAG_NAMES):
         assert f"  --{name}:" in text or f"  --[no]{name}:" in text, name
 
 
