@@ -1,8 +1,9 @@
 """Where a cohort step's time goes: tf.profiler over a few steps, self time per op type.
 
 Profiles `timing.make_cohort`'s cohort (2 ResNet-32 peers, batch 64, as bench/vs_pytorch.py
-times it; `--net` profiles a pair of another network) and prints, per op type, the self time per step summed over threads (so on 2
-cores the column adds up to about twice the wall time), its share, and the op count.
+times it; `--net` profiles a pair of another network) and prints, per op type, the self time
+per step summed over threads (so on 2 cores the column adds up to about twice the wall
+time), its share, and the op count.
 The trace itself is left in --logdir for TensorBoard's profile plugin.
 
 xprof converts the trace (bench-only, in bench/requirements.txt):
