@@ -68,10 +68,11 @@ def main(argv):
     tf.profiler.experimental.stop()
     totals = op_table(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0])
     all_ms = sum(t for t, _ in totals.values()) / 1e3 / FLAGS.steps
-    print(f"{FLAGS.precision}, {FLAGS.update}, options {FLAGS.tf_options}, threads "
-          f"intra {FLAGS.intra_op_threads or 'default'} / inter {FLAGS.inter_op_threads or 'default'}"
-          f"; unprofiled: {seconds * 1e3:.0f} ms/step = {FLAGS.batch_size / seconds:.0f} img/s; "
-          f"trace in {logdir}\n")
+    intra, inter = FLAGS.intra_op_threads or "default", FLAGS.inter_op_threads or "default"
+    threads = f"intra {intra} / inter {inter}"
+    print(f"2 x {FLAGS.net}, batch {FLAGS.batch_size}, {FLAGS.precision}, {FLAGS.update}, "
+          f"options {FLAGS.tf_options}, threads {threads}; unprofiled: {seconds * 1e3:.0f} ms/step "
+          f"= {FLAGS.batch_size / seconds:.0f} img/s; trace in {logdir}\n")
     print("| op type | self ms per step (all threads) | share | ops per step |\n|---|---|---|---|")
     for op_type, (micros, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:FLAGS.top]:
         ms = micros / 1e3 / FLAGS.steps
