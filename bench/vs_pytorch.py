@@ -5,12 +5,13 @@ parameters each in both frameworks, checked), batch 64, simultaneous update, SGD
 Nesterov momentum 0.9, weight decay 5e-4, on tensors already in memory. PyTorch runs every
 CPU recipe it offers: eager and `torch.compile`, NCHW and `channels_last`, float32 and
 `torch.autocast("cpu", torch.bfloat16)`; dml_tf runs its defaults in `float32` and
-`mixed_bfloat16`, and each again with one intra-op thread and two inter-op threads, so that
-the two peers' ops run side by side on the 2 cores (the run scripts' `--intra_op_threads=1
---inter_op_threads=2`). Each measurement is its own process (the frameworks' thread pools never
-meet), recipes alternate within a round, and medians are reported. The machine's matmul
-ceilings (the better of TensorFlow's and PyTorch's large float32 and bfloat16 matmuls) are
-measured in the same run, and each recipe's arithmetic rate is given as a share of them.
+`mixed_bfloat16`, and each again with one intra-op thread and two inter-op threads, so
+that the two peers' ops run side by side on the 2 cores (the run scripts'
+`--intra_op_threads=1 --inter_op_threads=2`). Each measurement is its own process (the
+frameworks' thread pools never meet), recipes alternate within a round, and medians are
+reported. The machine's matmul ceilings (the better of TensorFlow's and PyTorch's large
+float32 and bfloat16 matmuls) are measured in the same run, and each recipe's arithmetic
+rate is given as a share of them.
 
 torch is a benchmark-only dependency (never in requirements.txt):
 
@@ -39,14 +40,15 @@ FLAGS = flags.FLAGS
 NUM_CLASSES = 100
 TRAINABLE_PARAMETERS = 470_004  # ResNet-32, 100 classes, option-A shortcuts (Table 1: 0.5M)
 PRECISIONS = ("float32", "bfloat16")
+TF_PRECISION = {"float32": "float32", "bfloat16": "mixed_bfloat16"}  # dml_tf's name of each
 
 # name -> (framework, precision, options). tf options: intra_op / inter_op threads (0:
 # TensorFlow's choice; 1 / 2 runs the two peers' ops side by side, one core each, as the run
-# scripts' --intra_op_threads=1 does). torch options: channels_last, compile.
+# scripts' --intra_op_threads=1 --inter_op_threads=2 do). torch options: channels_last, compile.
 RECIPES = {}
 for _precision in PRECISIONS:
     for _intra_op, _inter_op in ((0, 0), (1, 2)):
-        _name = f"dml_tf, {'float32' if _precision == 'float32' else 'mixed_bfloat16'}"
+        _name = f"dml_tf, {TF_PRECISION[_precision]}"
         if _intra_op:
             _name += f", intra_op_threads={_intra_op} inter_op_threads={_inter_op}"
         RECIPES[_name] = ("tf", _precision, {"intra_op": _intra_op, "inter_op": _inter_op})
@@ -84,8 +86,7 @@ def time_tf(precision, intra_op, inter_op):
     timing.set_threads(intra_op, inter_op)
     options = timing.parse_options(FLAGS.tf_options)
     cohort = timing.make_cohort(2, "resnet32", "dml", "simultaneous",
-                                precision="mixed_bfloat16" if precision == "bfloat16"
-                                else "float32", **options)
+                                precision=TF_PRECISION[precision], **options)
     trainable = sum(int(np.prod(v.shape)) for v in cohort.models[0].trainable_variables)
     assert trainable == TRAINABLE_PARAMETERS, trainable
     seconds = timing.seconds_per_step(cohort, timing.in_memory_batches(FLAGS.batch_size),
