@@ -26,7 +26,7 @@ FLAGS = flags.FLAGS
 
 # name -> (environment, cohort options, (intra_op, inter_op) threads; 0: TensorFlow's)
 OPTIONS = {
-    "default (float32, fused BN, TF threads, oneDNN on)": ({}, {}, (0, 0)),
+    "default (float32, fused BN, TF threads, oneDNN on as in the run scripts)": ({}, {}, (0, 0)),
     "--precision=mixed_bfloat16": ({}, {"precision": "mixed_bfloat16"}, (0, 0)),
     "--precision=mixed_bfloat16, Keras' unfused BatchNormalization": (
         {}, {"precision": "mixed_bfloat16", "fused": False}, (0, 0)),

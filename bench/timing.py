@@ -17,6 +17,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+from dml_tf import quiet_start  # noqa: E402
+
+# The environment the run scripts give TensorFlow (oneDNN on where TensorFlow leaves it
+# off), so that the benchmarks time what a run trains with.
+quiet_start.configure_environment()
 
 
 def make_cohort(num_peers=2, net="resnet32", method="dml", update="simultaneous", *,

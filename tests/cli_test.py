@@ -267,16 +267,19 @@ os.write(2, b"I0000 00:00:12.5  7 a.cc:3] after the block\\n")
 
 def test_environment_keeps_what_the_user_set(monkeypatch):
     monkeypatch.setattr(quiet_start, "has_accelerator", lambda: False)
-    environ = {"TF_CPP_MIN_LOG_LEVEL": "0"}
+    environ = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": "0"}
     quiet_start.configure_environment(environ)
-    assert environ == {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLED_DEVICE_TYPES": "CPU"}
+    assert environ == {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": "0",
+                       "TF_ENABLED_DEVICE_TYPES": "CPU"}
     environ = {"CUDA_VISIBLE_DEVICES": "1"}
     quiet_start.configure_environment(environ)
-    assert environ == {"CUDA_VISIBLE_DEVICES": "1", "TF_CPP_MIN_LOG_LEVEL": "1"}
+    assert environ == {"CUDA_VISIBLE_DEVICES": "1", "TF_CPP_MIN_LOG_LEVEL": "1",
+                       "TF_ENABLE_ONEDNN_OPTS": "1"}
     monkeypatch.setattr(quiet_start, "has_accelerator", lambda: True)
     environ = {}
     quiet_start.configure_environment(environ)
-    assert environ == {"TF_CPP_MIN_LOG_LEVEL": "1"}  # a GPU machine keeps its GPU platform
+    # a GPU machine keeps its GPU platform
+    assert environ == {"TF_CPP_MIN_LOG_LEVEL": "1", "TF_ENABLE_ONEDNN_OPTS": "1"}
     assert [quiet_start.min_log_level({"TF_CPP_MIN_LOG_LEVEL": v}) for v in ("2", "", "x")] == \
         [2, 0, 0]
 

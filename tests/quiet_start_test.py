@@ -2,6 +2,7 @@
 
 import fnmatch
 import os
+import platform
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from dml_tf import quiet_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TF_VARIABLES = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLED_DEVICE_TYPES", "CUDA_VISIBLE_DEVICES",
-                 "HIP_VISIBLE_DEVICES", "DML_TF_QUIET")
+                 "HIP_VISIBLE_DEVICES", "DML_TF_QUIET", "TF_ENABLE_ONEDNN_OPTS")
 
 
 def _on_machine_with(monkeypatch, *nodes):
@@ -44,10 +45,10 @@ def test_cpu_only_where_no_gpu_is_visible_or_present(monkeypatch, nodes, environ
 def test_the_users_device_choice_is_kept(monkeypatch):
     _on_machine_with(monkeypatch)
     environ = {"CUDA_VISIBLE_DEVICES": "-1", "TF_ENABLED_DEVICE_TYPES": "CPU,GPU",
-               "TF_CPP_MIN_LOG_LEVEL": "0"}
+               "TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": "0"}
     quiet_start.configure_environment(environ)
     assert environ == {"CUDA_VISIBLE_DEVICES": "-1", "TF_ENABLED_DEVICE_TYPES": "CPU,GPU",
-                       "TF_CPP_MIN_LOG_LEVEL": "0"}
+                       "TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
 
 def _python(code, **environ):
@@ -80,7 +81,8 @@ MutualLearning = dml_tf.MutualLearning  # dml_tf's own import of TensorFlow
 import keras
 peers = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(2)]
 MutualLearning(peers)
-print(os.environ.get("TF_CPP_MIN_LOG_LEVEL"), os.environ.get("TF_ENABLED_DEVICE_TYPES"))
+print(os.environ.get("TF_CPP_MIN_LOG_LEVEL"), os.environ.get("TF_ENABLED_DEVICE_TYPES"),
+      os.environ.get("TF_ENABLE_ONEDNN_OPTS"))
 """
 
 
@@ -89,8 +91,22 @@ def test_dml_tf_quiet_is_honoured_at_import_and_nothing_changes_unasked():
         pytest.skip("the CPU-only start-up lines are what this test is about")
     asked = _python(_MODEL, DML_TF_QUIET="1")
     assert asked.returncode == 0 and asked.stderr == "", asked.stderr[-2000:]
-    assert asked.stdout.split() == ["1", "CPU"]
+    assert asked.stdout.split() == ["1", "CPU", "1"]
     unasked = _python(_MODEL)
     assert unasked.returncode == 0, unasked.stderr[-2000:]
-    assert unasked.stdout.split() == ["None", "None"]  # the user's environment, untouched
+    assert unasked.stdout.split() == ["None", "None", "None"]  # the user's environment, untouched
     assert unasked.stderr != ""  # TensorFlow's own start-up lines: what DML_TF_QUIET removes
+
+
+_ONEDNN_ON = ("from tensorflow.python.util import _pywrap_util_port; "
+              "print(_pywrap_util_port.IsMklEnabled())")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="TensorFlow's x86 builds are the ones that leave oneDNN off on some CPUs")
+def test_quiet_start_turns_onednn_on_unless_the_user_turned_it_off():
+    # TensorFlow itself reports whether its oneDNN kernels are on, whatever this CPU's default.
+    on = _python("import dml_tf; dml_tf.quiet(); " + _ONEDNN_ON)
+    assert on.returncode == 0 and on.stdout.split() == ["True"], on.stderr[-2000:]
+    off = _python("import dml_tf; dml_tf.quiet(); " + _ONEDNN_ON, TF_ENABLE_ONEDNN_OPTS="0")
+    assert off.returncode == 0 and off.stdout.split() == ["False"], off.stderr[-2000:]
