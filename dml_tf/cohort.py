@@ -8,7 +8,7 @@ import contextlib
 import keras
 import tensorflow as tf
 
-from dml_tf import losses
+from dml_tf import losses, precision
 from dml_tf.errors import UserError
 from dml_tf.methods import base
 
@@ -99,6 +99,7 @@ class Cohort:
         if len(models) != len(optimizers):
             raise ValueError(f"{len(models)} models but {len(optimizers)} optimizers.")
         check_arguments(len(models), method, update)
+        precision.warn_if_emulated(models)
         self.models = list(models)
         self.optimizers = list(optimizers)
         self.method = method

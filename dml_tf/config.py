@@ -307,7 +307,8 @@ class Config:
         "(paper Sec. 4.5); implies --update=simultaneous.", RUN, choices=choices.PLACEMENTS)
     precision: str = _setting(
         "float32", "float32; mixed_bfloat16: layers in bfloat16, variables, logits, softmax and "
-        "losses in float32 (CPUs with AVX-512 BF16/AMX, TPUs); mixed_float16: the same in "
+        "losses in float32 (CPUs with AVX-512 BF16/AMX, TPUs; other CPUs emulate bfloat16, many "
+        "times slower, and a warning says so); mixed_float16: the same in "
         "float16 with dynamic loss scaling (GPUs).", RUN, choices=choices.PRECISIONS)
     jit_compile: bool = _setting(
         False, "Compile the cohort step with XLA. Off by default: on the CPU it measured slower "

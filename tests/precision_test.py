@@ -65,6 +65,29 @@ def test_float16_loss_scaling_applies_the_unscaled_update():
         np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3)
 
 
+_X86_FLAGS = "fpu vme sse sse2 avx avx2 fma"  # abridged /proc/cpuinfo flags of an AVX2 CPU
+
+
+@pytest.mark.parametrize("cpuinfo, dtype, warned", [
+    (f"processor\t: 0\nflags\t\t: {_X86_FLAGS}\n", "mixed_bfloat16", True),
+    (f"processor\t: 0\nflags\t\t: {_X86_FLAGS} avx512f avx512_bf16\n", "mixed_bfloat16", False),
+    (f"processor\t: 0\nflags\t\t: {_X86_FLAGS} amx_bf16 amx_tile\n", "mixed_bfloat16", False),
+    ("processor\t: 0\nFeatures\t: fp asimd bf16\n", "mixed_bfloat16", False),  # Arm: unsure
+    (f"processor\t: 0\nflags\t\t: {_X86_FLAGS}\n", "float32", False),
+    (None, "mixed_bfloat16", False),  # no /proc/cpuinfo: unsure, so silent
+])
+def test_bfloat16_on_a_cpu_that_emulates_it_is_a_warning(tmp_path, monkeypatch, capsys, cpuinfo,
+                                                          dtype, warned):
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    monkeypatch.setattr(precision, "CPUINFO", str(path))
+    models = [_linear(seed, dtype) for seed in (1, 2)]
+    Cohort(models, [keras.optimizers.SGD(0.1) for _ in models], methods.get("dml"), "simultaneous")
+    err = capsys.readouterr().err
+    assert (("no bfloat16 instructions" in err and "float32" in err) if warned else err == ""), err
+
+
 def test_a_mixed_bfloat16_run_trains_and_exports(tmp_path):
     rng = np.random.default_rng(0)
     npz = tmp_path / "data.npz"
