@@ -53,8 +53,9 @@ CPUINFO = "/proc/cpuinfo"
 _BFLOAT16_X86_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_emulates_bfloat16(cpuinfo=CPUINFO):
-    """Whether this is an x86 CPU without bfloat16 instructions (False where unsure)."""
+def cpu_emulates_bfloat16(cpuinfo):
+    """Whether the CPU that file `cpuinfo` describes is x86 without bfloat16 instructions
+    (False where unsure)."""
     try:
         with open(cpuinfo) as lines:
             for line in lines:
